@@ -1,0 +1,135 @@
+"""The settings a preset holds: one frozen dataclass per section, defaults and bounds in one place.
+
+A field's metadata says what values are valid; `presets.py` validates against it, so adding a
+knob here is all it takes to make it loadable, overridable with `--set` and shown by
+`avatar presets show`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def knob(default: Any, *, bounds: tuple[float, float] | None = None,
+         choices: tuple[Any, ...] | None = None, help: str = "") -> Any:
+    """A dataclass field with its valid range or choices attached."""
+    meta = {"bounds": bounds, "choices": choices, "help": help}
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+ENGINES = ("builtin", "liveavatar", "command")
+
+
+@dataclass(frozen=True)
+class BuiltinOptions:
+    """Knobs of the built-in CPU animator."""
+
+    # Scales the mouth opening; 0 keeps the mouth closed.
+    mouth_gain: float = knob(1.0, bounds=(0.0, 3.0), help="mouth opening scale")
+    # Average blinks per minute; 0 disables blinking.
+    blink_rate_per_min: float = knob(15.0, bounds=(0.0, 60.0), help="blinks per minute")
+    # Head motion amplitude: 1 is subtle, 0 is still.
+    head_motion: float = knob(1.0, bounds=(0.0, 3.0), help="head motion scale")
+    # Show a hint of upper teeth when the mouth is wide open.
+    teeth: bool = knob(True, help="draw upper teeth when wide open")
+    # x264 speed/size trade-off for parts; all parts of a job must share it (they are joined by copy).
+    x264_preset: str = knob("veryfast", choices=("ultrafast", "superfast", "veryfast", "faster",
+                                                  "fast", "medium", "slow"), help="x264 preset")
+    # x264 constant rate factor: lower is better quality and bigger files.
+    crf: int = knob(20, bounds=(0, 51), help="x264 CRF")
+
+
+@dataclass(frozen=True)
+class LiveAvatarOptions:
+    """Where LiveAvatar lives and how it is launched (used by the liveavatar engine)."""
+
+    # LiveAvatar repository root (the launch's working directory).
+    repo: str = knob("", help="LiveAvatar checkout")
+    # torchrun of LiveAvatar's own environment (not avatarcli's).
+    torchrun: str = knob("torchrun", help="torchrun of LiveAvatar's environment")
+    # Wan2.2-S2V-14B checkpoint directory, relative to repo unless absolute.
+    ckpt_dir: str = knob("ckpt/Wan2.2-S2V-14B/", help="checkpoint directory")
+    # LoRA weights as a LOCAL path, so nothing is fetched from a model hub at run time.
+    lora_path: str = knob("", help="local LoRA path")
+    # Text prompt; empty means a .txt next to the portrait, else a neutral prompt.
+    prompt: str = knob("", help="text prompt")
+    # GPUs per launch: 1 (single GPU, offload) or 5 (4 for the DiT + 1 for the VAE).
+    gpus_per_run: int = knob(1, choices=(1, 5), help="GPUs per launch")
+    # FP8 weights via torch._scaled_mm (compute capability 8.9+).
+    fp8: bool = knob(False, help="--fp8")
+    # Keep the per-step KV caches in host memory.
+    offload_kv_cache: bool = knob(False, help="--offload_kv_cache")
+    sample_solver: str = knob("euler", choices=("euler",), help="--sample_solver")
+    training_config: str = knob("liveavatar/configs/s2v_causal_sft.yaml", help="--training_config")
+    # Extra environment for the launch (e.g. ENABLE_COMPILE: "false").
+    env: dict[str, str] = knob({}, help="extra environment")
+    # Extra raw flags appended to the upstream command line.
+    extra_args: list[str] = knob([], help="extra upstream flags")
+
+
+@dataclass(frozen=True)
+class CommandOptions:
+    """Any other model through a command template (used by the command engine)."""
+
+    # Argument list with placeholders such as {audio}, {image}, {out}.
+    template: list[str] = knob([], help="command template")
+    # Working directory of the command.
+    cwd: str = knob("", help="working directory")
+    # Extra environment for the command.
+    env: dict[str, str] = knob({}, help="extra environment")
+    # Glob inside {outdir} that finds the produced video when the model picks its own name.
+    output: str = knob("", help="output glob inside {outdir}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A fully resolved preset. Field defaults are the values no preset overrides."""
+
+    # Which engine renders the parts.
+    engine: str = knob("builtin", choices=ENGINES, help="rendering engine")
+    # One line shown by `avatar presets`.
+    description: str = knob("", help="one-line description")
+    # Output AREA key "W*H": real width/height follow the portrait's aspect ratio within it.
+    size: str = knob("512*512", help="area key W*H")
+    # Output frame rate (LiveAvatar renders at 25).
+    fps: int = knob(25, bounds=(1, 120), help="frames per second")
+    # Frames per clip: the model's unit of generation.
+    infer_frames: int = knob(48, bounds=(4, 240), help="frames per clip")
+    # Diffusion sampling steps (model engines).
+    sample_steps: int = knob(4, bounds=(1, 100), help="sampling steps")
+    # Swap whole models between GPU and CPU (model engines).
+    offload: bool = knob(False, help="offload models to CPU")
+    # Decode latents while generating instead of at the end (model engines).
+    online_decode: bool = knob(False, help="online VAE decode")
+    # Clips per batch; each batch is one fresh process, which bounds memory.
+    clips_per_batch: int = knob(25, bounds=(1, 10000), help="clips per batch process")
+    # Pause between batches, e.g. to let a GPU cool or free memory.
+    cooldown_s: float = knob(0.0, bounds=(0.0, 3600.0), help="seconds between batches")
+    # Seed for everything random in the engine.
+    seed: int = knob(420, bounds=(0, 2**31 - 1), help="random seed")
+    builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
+    liveavatar: LiveAvatarOptions = field(default_factory=LiveAvatarOptions)
+    command: CommandOptions = field(default_factory=CommandOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "builtin": BuiltinOptions,
+    "liveavatar": LiveAvatarOptions,
+    "command": CommandOptions,
+}
+
+# Keys whose change does not change a single rendered pixel: a job survives them.
+NON_RENDERING_KEYS = frozenset({"description", "cooldown_s"})
+
+# Upstream LiveAvatar facts the presets are checked against (see liveavatar-contract.md).
+LIVEAVATAR_SIZES = ("720*1280", "1280*720", "480*832", "832*480", "704*1280", "1280*704",
+                    "1024*704", "704*1024", "720*400", "704*384", "688*368", "384*256")
+# KV caches exist for 4 denoising steps only.
+LIVEAVATAR_MAX_STEPS = 4
