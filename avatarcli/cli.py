@@ -1,0 +1,206 @@
+"""The command line: parses, validates, prints. All work happens in the core modules."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from avatarcli import __version__, presets
+from avatarcli.errors import AvatarError, InputError
+from avatarcli.pipeline import Events, Result, generate
+
+app = typer.Typer(
+    name="avatar", add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Speech recording + one portrait -> a verified talking-avatar video.",
+)
+presets_app = typer.Typer(help="List and show presets.", invoke_without_command=True,
+                          rich_markup_mode=None)
+app.add_typer(presets_app, name="presets")
+
+log = logging.getLogger("avatarcli")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _err(message: str) -> None:
+    from tqdm import tqdm
+
+    for line in message.splitlines() or [""]:
+        tqdm.write(f"avatar: {line}", file=sys.stderr)
+
+
+def handle_errors(func: F) -> F:
+    """Turn the core's errors into one message per problem on stderr and a fixed exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except AvatarError as exc:
+            for line in str(exc).splitlines():
+                _err(f"error: {line}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _err("interrupted; rerun the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("avatar: %(message)s"))
+    root = logging.getLogger("avatarcli")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+class CliEvents(Events):
+    def __init__(self, *, bar: bool, quiet: bool) -> None:
+        self.bar = bar
+        self.quiet = quiet
+
+    def warn(self, message: str) -> None:
+        _err(f"warning: {message}")
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            _err(message)
+
+    @contextlib.contextmanager
+    def progress(self, total_frames: int, done_frames: int) -> Iterator[Any]:
+        from tqdm import tqdm
+
+        with tqdm(total=total_frames, initial=done_frames, unit="frame", desc="rendering",
+                  disable=not self.bar, dynamic_ncols=True, file=sys.stderr,
+                  smoothing=0.05) as bar:
+            yield bar
+
+
+def _parse_face(value: str | None) -> tuple[int, int, int, int] | None:
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*", value)
+    if not m or int(m.group(3)) < 8 or int(m.group(4)) < 8:
+        raise InputError(f"--face {value!r}: expected X,Y,W,H in image pixels (W,H >= 8)")
+    x, y, w, h = (int(g) for g in m.groups())
+    return x, y, w, h
+
+
+def _print_plan(result: Result) -> None:
+    typer.echo(f"plan: {result.duration_s:.2f} s of audio -> {result.frames} frames at "
+               f"{result.fps} fps, {result.width}x{result.height}, preset {result.preset} "
+               f"(engine {result.engine}), {len(result.batches)} batch(es)")
+    typer.echo(f"output: {result.output}")
+    typer.echo(f"job dir: {result.job_dir}")
+    for b in result.batches:
+        typer.echo(f"  batch {b.index:4d}: frames {b.frame_start}-{b.frame_end - 1} "
+                   f"({b.frame_end - b.frame_start}), {b.start_s:.2f}-{b.end_s:.2f} s, "
+                   f"{b.clips} clip(s)")
+        if b.command:
+            typer.echo(f"    {b.command}")
+
+
+@app.command("gen")
+@handle_errors
+def gen(
+    audio: Annotated[Path, typer.Argument(help="Speech recording (any format ffmpeg reads).")],
+    image: Annotated[Path, typer.Argument(help="Portrait (any image Pillow or OpenCV reads).")],
+    output: Annotated[Path | None, typer.Option("-o", "--output",
+                                                help="Output MP4 [default: AUDIO with .mp4].")] = None,
+    preset: Annotated[str | None, typer.Option("-p", "--preset",
+                                               help="Preset name or YAML file [default: cpu-preview].")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                   help="Override a preset key (section.key for sections); repeatable.")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64,
+                                      help="Batch processes at once.")] = 1,
+    face: Annotated[str | None, typer.Option("--face", metavar="X,Y,W,H",
+                                             help="Face box in image pixels when detection fails.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; render nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output; discard a mismatching job.")] = False,
+    keep_parts: Annotated[bool, typer.Option("--keep-parts", help="Keep the job directory after success.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info, only warnings and errors.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout, nothing else.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging (commands run).")] = False,
+) -> None:
+    """Render AUDIO spoken by the face in IMAGE into one verified MP4 (resumable)."""
+    _setup_logging(verbose, quiet or as_json)
+    resolved = presets.resolve(preset, presets.parse_set(set_ or []))
+    bar = not (quiet or as_json) and sys.stdout.isatty() and sys.stderr.isatty()
+    events = CliEvents(bar=bar, quiet=quiet or as_json)
+    result = generate(audio, image, resolved, output=output, jobs=jobs, dry_run=dry_run,
+                      force=force, keep_parts=keep_parts, face=_parse_face(face), events=events)
+    if as_json:
+        typer.echo(json.dumps(result.summary(), indent=1))
+    elif dry_run:
+        _print_plan(result)
+    elif not quiet:
+        typer.echo(f"wrote {result.output} ({result.duration_s:.1f} s, {result.frames} frames, "
+                   f"{result.width}x{result.height}; {len(result.batches)} batches: "
+                   f"{len(result.rendered)} rendered, {len(result.reused)} reused) "
+                   f"in {result.seconds:.1f} s")
+
+
+@presets_app.callback()
+@handle_errors
+def presets_list(ctx: typer.Context) -> None:
+    """List presets: name, engine, size, description, where it came from."""
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = [presets.describe(info) for info in presets.available().values()]
+    width = max((len(r["name"]) for r in rows), default=4)
+    for r in rows:
+        typer.echo(f"{r['name']:<{width}}  {r['engine']:<10}  {r['size']:<9}  "
+                   f"{r['description']}  [{r['origin']}]")
+    typer.echo(f"(user presets: {presets.user_dir()})")
+
+
+@presets_app.command("show")
+@handle_errors
+def presets_show(
+    name: Annotated[str, typer.Argument(help="Preset name or YAML file.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                   help="Override a key, as in gen.")] = None,
+) -> None:
+    """Print the fully resolved preset as YAML."""
+    resolved = presets.resolve(name, presets.parse_set(set_ or []))
+    typer.echo(f"# {resolved.name} ({resolved.origin})")
+    typer.echo(presets.to_yaml(resolved.preset), nl=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"avatarcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """Speech recording + one portrait -> a verified talking-avatar video."""
+    if os.environ.get("NO_COLOR"):
+        os.environ.setdefault("TERM", "dumb")
+
+
+def main() -> None:
+    app(prog_name="avatar")

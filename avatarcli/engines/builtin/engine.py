@@ -1,0 +1,70 @@
+"""The default engine: animates the portrait on the CPU, no weights needed."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress
+
+CHUNK_FRAMES = 32  # frames rendered per call: big enough to vectorise, small for smooth progress
+
+
+class BuiltinEngine(Engine):
+    name = "builtin"
+
+    def prepare(self, inputs: JobInputs) -> tuple[dict[str, Any], list[str]]:
+        from PIL import Image
+
+        from avatarcli.engines.builtin.face import fallback_layout, find_face, layout_from_box
+
+        with Image.open(inputs.portrait) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        warnings = []
+        if inputs.face is not None:
+            layout = layout_from_box(*inputs.face)
+        else:
+            found = find_face(rgb)
+            if found is None:
+                warnings.append(f"{inputs.image}: no face found; animating a centred face area "
+                                f"(place it with --face X,Y,W,H)")
+                layout = fallback_layout(inputs.width, inputs.height)
+            else:
+                layout = found
+        return {"layout": layout.to_dict()}, warnings
+
+    def render(self, task: PartTask, progress: Progress) -> None:
+        import torch
+        from PIL import Image
+
+        from avatarcli import media
+        from avatarcli.engines.builtin.animate import Animator, AnimatorOptions, mouth_openness
+        from avatarcli.engines.builtin.face import FaceLayout
+
+        threads = int(os.environ.get("AVATARCLI_THREADS", "0"))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        opts = self.preset.builtin
+        inp, batch = task.inputs, task.batch
+        with Image.open(inp.portrait) as im:
+            portrait = np.asarray(im.convert("RGB"))
+        layout = FaceLayout.from_dict(task.engine_state["layout"])
+        features = np.load(inp.features, mmap_mode="r")[batch.frame_start:batch.frame_end]
+        openness = mouth_openness(np.asarray(features, dtype=np.float32), opts.mouth_gain)
+        animator = Animator(
+            portrait, layout, seed=self.preset.seed, fps=inp.fps,
+            options=AnimatorOptions(mouth_gain=opts.mouth_gain,
+                                    blink_rate_per_min=opts.blink_rate_per_min,
+                                    head_motion=opts.head_motion, teeth=opts.teeth),
+        )
+        with media.VideoWriter(task.out, width=inp.width, height=inp.height, fps=inp.fps,
+                               preset=opts.x264_preset, crf=opts.crf,
+                               threads=threads) as writer:
+            for start in range(batch.frame_start, batch.frame_end, CHUNK_FRAMES):
+                end = min(start + CHUNK_FRAMES, batch.frame_end)
+                indices = np.arange(start, end, dtype=np.int64)
+                local = slice(start - batch.frame_start, end - batch.frame_start)
+                writer.write(animator.render(indices, openness[local]))
+                progress(end - batch.frame_start)

@@ -1,0 +1,200 @@
+"""Media facts and transforms built on ffmpeg: probing streams, decoding audio, writing H.264.
+
+There is no ffprobe in the bundled ffmpeg, so stream facts come from parsing `ffmpeg -i`
+and exact counts from decoding with `-progress` output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ffmpeg as ffmpeg_python
+import numpy as np
+
+from avatarcli import ffmpeg
+from avatarcli.errors import InputError
+
+ANALYSIS_RATE = 16000  # Hz: enough for speech loudness and voicing, cheap to decode
+
+
+@dataclass(frozen=True)
+class Stream:
+    kind: str  # "audio" or "video"
+    codec: str
+    sample_rate: int = 0
+    channels: str = ""
+    width: int = 0
+    height: int = 0
+    fps: float = 0.0
+    attached_pic: bool = False
+
+
+@dataclass(frozen=True)
+class Probe:
+    path: Path
+    format: str
+    duration_s: float | None
+    streams: tuple[Stream, ...]
+
+    def first(self, kind: str) -> Stream | None:
+        return next((s for s in self.streams if s.kind == kind and not s.attached_pic), None)
+
+
+_STREAM_RE = re.compile(r"^\s*Stream #\d+:\d+.*?: (Audio|Video): (.*)$")
+_DURATION_RE = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
+_INPUT_RE = re.compile(r"^Input #0, ([^,]+(?:,[^,]+)*?), from")
+
+
+def probe(path: Path) -> Probe:
+    """Streams and container duration of a media file, from `ffmpeg -i` (no ffprobe needed)."""
+    stderr = ffmpeg.run(["-i", str(path)], check=False)
+    fmt_m = next((m for line in stderr.splitlines() if (m := _INPUT_RE.match(line))), None)
+    if fmt_m is None:
+        raise InputError(f"{path}: not a media file ffmpeg can read "
+                         f"({ffmpeg.tail(stderr, 1) or 'unknown format'})")
+    dur_m = _DURATION_RE.search(stderr)
+    duration = None
+    if dur_m:
+        hours, minutes, seconds = dur_m.groups()
+        duration = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    streams = []
+    for line in stderr.splitlines():
+        sm = _STREAM_RE.match(line)
+        if sm:
+            streams.append(_parse_stream(sm.group(1).lower(), sm.group(2)))
+    return Probe(path, fmt_m.group(1), duration, tuple(streams))
+
+
+def _parse_stream(kind: str, desc: str) -> Stream:
+    codec = desc.split(",")[0].split()[0] if desc else "?"
+    if kind == "audio":
+        rate = re.search(r"(\d+) Hz", desc)
+        parts = [p.strip() for p in desc.split(",")]
+        channels = parts[2] if len(parts) > 2 else ""
+        return Stream("audio", codec, sample_rate=int(rate.group(1)) if rate else 0,
+                      channels=channels)
+    size = re.search(r", (\d{2,5})x(\d{2,5})", desc)
+    fps = re.search(r"([\d.]+) fps", desc)
+    return Stream(
+        "video", codec,
+        width=int(size.group(1)) if size else 0, height=int(size.group(2)) if size else 0,
+        fps=float(fps.group(1)) if fps else 0.0, attached_pic="attached pic" in desc,
+    )
+
+
+def decode_audio_chunks(path: Path, *, rate: int = ANALYSIS_RATE,
+                        chunk_samples: int = ANALYSIS_RATE * 10) -> Iterator[np.ndarray]:
+    """Stream the first audio track as mono float32 at `rate`, in chunks (flat memory)."""
+    args = (
+        ffmpeg_python.input(str(path))
+        .output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=rate, map="0:a:0")
+        .global_args("-loglevel", "error")
+        .get_args()
+    )
+    proc = ffmpeg.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        want = chunk_samples * 4
+        pending = b""
+        while True:
+            data = proc.stdout.read(want - len(pending))
+            if not data:
+                break
+            pending += data
+            if len(pending) == want:
+                yield np.frombuffer(pending, dtype="<f4")
+                pending = b""
+        usable = len(pending) - len(pending) % 4
+        if usable:
+            yield np.frombuffer(pending[:usable], dtype="<f4")
+        err = proc.stderr.read().decode("utf-8", "replace")
+        if proc.wait() != 0:
+            raise InputError(f"{path}: cannot decode audio ({ffmpeg.tail(err, 1)})")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def video_frames(path: Path, *, decode: bool = True) -> int:
+    """Frames in the first video stream; `decode=False` counts packets (fast, catches truncation)."""
+    args = ["-v", "error", "-i", str(path), "-map", "0:v:0", *([] if decode else ["-c", "copy"])]
+    stderr = ffmpeg.run([*args, "-f", "null", "-progress", "pipe:2", "-nostats", "-"])
+    frames = re.findall(r"^frame=(\d+)", stderr, re.M)
+    return int(frames[-1]) if frames else 0
+
+
+def audio_seconds(path: Path) -> float:
+    """Decoded length of the first audio stream, in seconds."""
+    stderr = ffmpeg.run(["-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "null",
+                         "-progress", "pipe:2", "-nostats", "-"])
+    times = re.findall(r"^out_time_us=(\d+)", stderr, re.M)
+    return int(times[-1]) / 1e6 if times else 0.0
+
+
+def slice_audio(src: Path, dst: Path, *, start_s: float, duration_s: float,
+                rate: int = 16000) -> None:
+    """Cut [start, start+duration) of `src` to a mono 16-bit WAV, padded with silence at the end."""
+    args = (
+        ffmpeg_python.input(str(src), ss=f"{start_s:.6f}")
+        .output(str(dst), t=f"{duration_s:.6f}", af="apad", ac=1, ar=rate, acodec="pcm_s16le",
+                map="0:a:0")
+        .global_args("-loglevel", "error", "-y")
+        .get_args()
+    )
+    ffmpeg.run(args)
+
+
+class VideoWriter:
+    """Pipe rgb24 frames into an H.264 MP4 (video only). Use as a context manager."""
+
+    def __init__(self, path: Path, *, width: int, height: int, fps: int,
+                 preset: str = "veryfast", crf: int = 20, threads: int = 0) -> None:
+        self.path = path
+        args = (
+            ffmpeg_python.input("pipe:", format="rawvideo", pix_fmt="rgb24",
+                                s=f"{width}x{height}", framerate=fps)
+            .output(str(path), vcodec="libx264", preset=preset, crf=crf, pix_fmt="yuv420p",
+                    r=fps, threads=threads, movflags="+faststart", format="mp4")
+            .global_args("-loglevel", "error", "-y")
+            .get_args()
+        )
+        self._proc = ffmpeg.popen(args, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.frames = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(np.ascontiguousarray(frames).data)
+        except BrokenPipeError:
+            self.close()  # raises with ffmpeg's own message
+            raise
+        self.frames += len(frames)
+
+    def close(self) -> None:
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self._proc.stdin.close()
+        err = self._proc.stderr.read().decode("utf-8", "replace") if self._proc.stderr else ""
+        if self._proc.wait() != 0:
+            raise ffmpeg.FFmpegError(f"ffmpeg could not encode {self.path}: {ffmpeg.tail(err, 3)}",
+                                     ffmpeg.tail(err))
+
+    def abort(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

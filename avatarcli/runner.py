@@ -1,0 +1,196 @@
+"""Runs batches, one fresh OS process each, up to N at a time; the same path for 1 or many.
+
+Each batch process gets its own session (process group) so that stopping it also stops
+whatever it started. On the first failure the rest are cancelled and the failure reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from avatarcli.errors import EngineError, OutOfMemoryError
+
+log = logging.getLogger(__name__)
+
+EXIT_OOM = 4  # what avatarcli.worker exits with on out-of-memory
+LOG_TAIL_LINES = 12
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    index: int
+    seconds: float
+    returncode: int
+
+
+@dataclass
+class Hooks:
+    """Callbacks from the runner to its caller; called from worker threads, serialised by a lock."""
+
+    started: Callable[[int, int], None] = lambda index, pid: None
+    progress: Callable[[int, int], None] = lambda index, frames_delta: None
+    finished: Callable[[BatchResult], None] = lambda result: None
+    failed: Callable[[int, str, str], None] = lambda index, kind, message: None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def worker_command(job_dir: Path, index: int) -> list[str]:
+    return [sys.executable, "-m", "avatarcli.worker", str(job_dir), str(index)]
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+                grace_s: float = 5.0) -> None:
+    """Stop a batch process and everything it started (its whole process group)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=grace_s)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+class Runner:
+    """Runs `indices` of a job; `slots` gives each concurrent process its environment."""
+
+    def __init__(self, job_dir: Path, log_path: Callable[[int], Path], *,
+                 slots: Sequence[dict[str, str]], cooldown_s: float = 0.0,
+                 hooks: Hooks | None = None) -> None:
+        assert slots, "at least one slot"
+        self.job_dir = job_dir
+        self.log_path = log_path
+        self.slots = list(slots)
+        self.cooldown_s = cooldown_s
+        self.hooks = hooks or Hooks()
+        self._cancel = threading.Event()
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._procs_lock = threading.Lock()
+        self._launch_lock = threading.Lock()
+        self._last_launch = 0.0
+
+    def run(self, indices: Sequence[int]) -> None:
+        """Render every index; raise EngineError/OutOfMemoryError on the first failure."""
+        free: queue.SimpleQueue[dict[str, str]] = queue.SimpleQueue()
+        for slot in self.slots:
+            free.put(slot)
+        pool = ThreadPoolExecutor(max_workers=len(self.slots), thread_name_prefix="batch")
+        futures = [pool.submit(self._run_one, i, free) for i in indices]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for fut in futures:
+                if fut.done() and fut.exception() is not None:
+                    self.cancel()
+                    wait(futures)
+                    raise fut.exception()  # type: ignore[misc]
+        except BaseException:
+            self.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def cancel(self) -> None:
+        """Stop launching, and stop every running batch process group."""
+        self._cancel.set()
+        with self._procs_lock:
+            procs = list(self._procs.values())
+        for proc in procs:
+            _kill_group(proc)
+
+    def _wait_cooldown(self) -> None:
+        with self._launch_lock:
+            if self._last_launch and self.cooldown_s > 0:
+                remaining = self._last_launch + self.cooldown_s - time.monotonic()
+                if remaining > 0:
+                    self._cancel.wait(remaining)
+            self._last_launch = time.monotonic()
+
+    def _run_one(self, index: int, free: queue.SimpleQueue[dict[str, str]]) -> None:
+        if self._cancel.is_set():
+            return
+        slot = free.get()
+        try:
+            self._wait_cooldown()
+            if self._cancel.is_set():
+                return
+            self._launch(index, slot)
+        finally:
+            free.put(slot)
+
+    def _launch(self, index: int, slot: dict[str, str]) -> None:
+        cmd = worker_command(self.job_dir, index)
+        env = {**os.environ, **slot, "AVATARCLI_SLOT_ENV": json.dumps(slot)}
+        if len(self.slots) > 1:
+            # Share the cores between concurrent batches instead of oversubscribing them.
+            env.setdefault("AVATARCLI_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.slots))))
+        log_path = self.log_path(index)
+        started = time.monotonic()
+        with open(log_path, "ab") as logf:
+            logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
+            logf.flush()
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=logf, env=env, start_new_session=True)
+        with self._procs_lock:
+            self._procs[index] = proc
+        with self.hooks.lock:
+            self.hooks.started(index, proc.pid)
+        try:
+            self._pump(index, proc)
+            rc = proc.wait()
+        finally:
+            _kill_group(proc)
+            with self._procs_lock:
+                self._procs.pop(index, None)
+        seconds = time.monotonic() - started
+        if rc == 0:
+            with self.hooks.lock:
+                self.hooks.finished(BatchResult(index, seconds, rc))
+            return
+        if self._cancel.is_set():
+            return  # stopped on purpose; the caller reports why
+        kind = "oom" if rc == EXIT_OOM else "crash"
+        reason = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
+        message = (f"batch {index} failed ({reason}); last lines of {log_path}:\n"
+                   f"{_tail(log_path)}")
+        with self.hooks.lock:
+            self.hooks.failed(index, kind, message)
+        raise (OutOfMemoryError if kind == "oom" else EngineError)(message)
+
+    def _pump(self, index: int, proc: subprocess.Popen[bytes]) -> None:
+        """Read `progress N` lines from the batch process and report the deltas."""
+        assert proc.stdout is not None
+        last = 0
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").strip()
+            if line.startswith("progress "):
+                try:
+                    done = int(line.split()[1])
+                except (IndexError, ValueError):
+                    continue
+                if done > last:
+                    with self.hooks.lock:
+                        self.hooks.progress(index, done - last)
+                    last = done

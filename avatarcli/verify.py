@@ -1,0 +1,44 @@
+"""Checks that a video file is whole: decodable, the planned frame count, size and rate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from avatarcli import media
+from avatarcli.errors import AvatarError
+
+
+class VerifyError(AvatarError):
+    """A part or the output is not what the plan says it must be."""
+
+    exit_code = 3
+
+
+def check_video(path: Path, *, frames: int, width: int, height: int, fps: int,
+                decode: bool = True) -> None:
+    """Raise VerifyError unless `path` has exactly `frames` frames of width x height at fps."""
+    if not path.is_file() or path.stat().st_size == 0:
+        raise VerifyError(f"{path}: missing or empty")
+    info = media.probe(path)
+    video = info.first("video")
+    if video is None:
+        raise VerifyError(f"{path}: no video stream")
+    if (video.width, video.height) != (width, height):
+        raise VerifyError(f"{path}: size {video.width}x{video.height}, expected {width}x{height}")
+    if abs(video.fps - fps) > 0.01:
+        raise VerifyError(f"{path}: {video.fps:g} fps, expected {fps}")
+    try:
+        got = media.video_frames(path, decode=decode)
+    except AvatarError as exc:
+        raise VerifyError(f"{path}: cannot be decoded ({exc})") from exc
+    if got != frames:
+        raise VerifyError(f"{path}: {got} frames, expected {frames}")
+
+
+def is_whole(path: Path, *, frames: int, width: int, height: int, fps: int) -> bool:
+    """A cheap resume check (packets, no decode) of a part marked done earlier."""
+    try:
+        check_video(path, frames=frames, width=width, height=height, fps=fps, decode=False)
+    except AvatarError:
+        return False
+    return True

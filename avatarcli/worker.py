@@ -1,0 +1,103 @@
+"""The batch process: `python -m avatarcli.worker JOB_DIR INDEX`.
+
+Renders one part under a temporary name, verifies it, renames it, exits. It reads the
+manifest but never writes it (the parent does). Progress goes to stdout as `progress N` lines;
+logs go to stderr, which the parent sends to the batch's log file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from avatarcli import engines, presets
+from avatarcli.engines.base import JobInputs, PartTask
+from avatarcli.errors import AvatarError, OutOfMemoryError
+from avatarcli.job import JobDir
+from avatarcli.plan import Plan
+from avatarcli.verify import check_video
+
+log = logging.getLogger("avatarcli.worker")
+
+EXIT_FAILED = 3
+EXIT_OOM = 4
+EXIT_ORPHANED = 70  # the parent died: stop rather than render for nobody
+
+
+class Orphaned(Exception):
+    pass
+
+
+def task_from_manifest(job: JobDir, manifest: dict, index: int,
+                       env: dict[str, str] | None = None) -> PartTask:
+    """The PartTask for batch `index`, built from the manifest alone."""
+    plan = Plan.from_dict(manifest["plan"])
+    face = manifest.get("face")
+    inputs = JobInputs(
+        audio=Path(manifest["inputs"]["audio"]["path"]),
+        image=Path(manifest["inputs"]["image"]["path"]),
+        job_dir=job.path, portrait=job.portrait, features=job.features,
+        width=plan.width, height=plan.height, fps=plan.fps,
+        face=(face[0], face[1], face[2], face[3]) if face else None,
+    )
+    return PartTask(inputs=inputs, batch=plan.batches[index], out=job.temp_part(index),
+                    engine_state=manifest.get("engine_state", {}), env=env or {})
+
+
+def render_part(job_dir: Path, index: int) -> None:
+    job = JobDir(job_dir)
+    manifest = job.load()
+    preset = presets.build(manifest["preset"]["values"], f"{job.manifest_path} preset")
+    env = json.loads(os.environ.get("AVATARCLI_SLOT_ENV", "{}"))
+    task = task_from_manifest(job, manifest, index, env)
+    engine = engines.create(preset)
+    parent = os.getppid()
+
+    def progress(done: int) -> None:
+        if os.getppid() != parent:
+            raise Orphaned(f"parent process {parent} is gone")
+        print(f"progress {done}", flush=True)
+
+    task.out.unlink(missing_ok=True)
+    started = time.monotonic()
+    try:
+        engine.render(task, progress)
+        b = task.batch
+        check_video(task.out, frames=b.frames, width=task.inputs.width,
+                    height=task.inputs.height, fps=task.inputs.fps)
+        os.replace(task.out, job.part(index))
+    finally:
+        with contextlib.suppress(OSError):
+            task.out.unlink(missing_ok=True)
+    log.info("batch %d: %d frames in %.1f s", index, task.batch.frames,
+             time.monotonic() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(args) != 2:
+        print("usage: python -m avatarcli.worker JOB_DIR INDEX", file=sys.stderr)
+        return 2
+    try:
+        render_part(Path(args[0]), int(args[1]))
+    except Orphaned as exc:
+        log.error("stopping: %s", exc)
+        return EXIT_ORPHANED
+    except OutOfMemoryError as exc:
+        log.error("out of memory: %s", exc)
+        return EXIT_OOM
+    except AvatarError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
