@@ -47,8 +47,9 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except AvatarError as exc:
+            # One line per problem; a log tail that follows a failure is indented under it.
             for line in str(exc).splitlines():
-                _err(f"error: {line}")
+                _err(f"  {line}" if line.startswith((" ", "\t")) else f"error: {line}")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             _err("interrupted; rerun the same command to resume")
@@ -132,6 +133,10 @@ def gen(
                                                    help="Override a preset key (section.key for sections); repeatable.")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64,
                                       help="Batch processes at once.")] = 1,
+    gpus: Annotated[str | None, typer.Option("--gpus", metavar="IDS",
+                                             help="GPU ids for model engines, e.g. 0,2,3 [default: all visible].")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt",
+                                               help="Text prompt for model engines.")] = None,
     face: Annotated[str | None, typer.Option("--face", metavar="X,Y,W,H",
                                              help="Face box in image pixels when detection fails.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; render nothing.")] = False,
@@ -143,10 +148,16 @@ def gen(
 ) -> None:
     """Render AUDIO spoken by the face in IMAGE into one verified MP4 (resumable)."""
     _setup_logging(verbose, quiet or as_json)
-    resolved = presets.resolve(preset, presets.parse_set(set_ or []))
+    overrides = presets.parse_set(set_ or [])
+    resolved = presets.resolve(preset, overrides)
+    if prompt is not None and resolved.preset.engine in ("liveavatar", "command"):
+        section = overrides.setdefault(resolved.preset.engine, {})
+        section["prompt"] = prompt
+        resolved = presets.resolve(preset, overrides)
     bar = not (quiet or as_json) and sys.stdout.isatty() and sys.stderr.isatty()
     events = CliEvents(bar=bar, quiet=quiet or as_json)
-    result = generate(audio, image, resolved, output=output, jobs=jobs, dry_run=dry_run,
+    result = generate(audio, image, resolved, output=output, jobs=jobs, gpus=gpus,
+                      dry_run=dry_run,
                       force=force, keep_parts=keep_parts, face=_parse_face(face), events=events)
     if as_json:
         typer.echo(json.dumps(result.summary(), indent=1))

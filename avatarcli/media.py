@@ -198,3 +198,24 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+def normalise(src: Path, dst: Path, *, frames: int, width: int, height: int, fps: int,
+              preset: str = "veryfast", crf: int = 18) -> None:
+    """Re-encode a model's video to exactly `frames` frames of width x height at `fps`, no audio.
+
+    Models render their own frame counts, rates and sizes (LiveAvatar: clips*infer_frames-3
+    frames); parts must match the plan to join in sync. Extra frames are cut at the end, a
+    short video is padded by repeating its last frame, another rate is re-timed.
+    """
+    vf = (f"fps={fps},scale={width}:{height}:force_original_aspect_ratio=increase:"
+          f"flags=lanczos,crop={width}:{height},setsar=1,"
+          f"tpad=stop_mode=clone:stop_duration={frames / fps:.3f}")
+    args = (
+        ffmpeg_python.input(str(src))
+        .output(str(dst), vf=vf, vcodec="libx264", preset=preset, crf=crf, pix_fmt="yuv420p",
+                r=fps, format="mp4", an=None, movflags="+faststart", **{"frames:v": frames})
+        .global_args("-loglevel", "error", "-y")
+        .get_args()
+    )
+    ffmpeg.run(args)

@@ -83,6 +83,8 @@ class CommandOptions:
     env: dict[str, str] = knob({}, help="extra environment")
     # Glob inside {outdir} that finds the produced video when the model picks its own name.
     output: str = knob("", help="output glob inside {outdir}")
+    # Text for the {prompt} placeholder.
+    prompt: str = knob("", help="text prompt")
 
 
 @dataclass(frozen=True)

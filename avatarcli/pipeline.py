@@ -144,7 +144,7 @@ def _raise_all(problems: list[str]) -> None:
 
 
 def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path | None = None,
-             jobs: int = 1, dry_run: bool = False, force: bool = False,
+             jobs: int = 1, gpus: str | None = None, dry_run: bool = False, force: bool = False,
              keep_parts: bool = False, face: tuple[int, int, int, int] | None = None,
              events: Events | None = None) -> Result:
     """Render `audio` + `image` to `output` (default: the audio's path with .mp4).
@@ -159,8 +159,10 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
     audio, image = audio.expanduser().absolute(), image.expanduser().absolute()
     if jobs < 1:
         raise InputError(f"--jobs must be at least 1, got {jobs}")
+    engine = engines.create(preset)
+    job = JobDir.for_output(output)
 
-    # 1. Every input and the ffmpeg binary, all problems reported together.
+    # 1. Every input, the ffmpeg binary and the engine's set-up, all problems reported together.
     problems = _check_paths(audio, image, output, force=force, dry_run=dry_run)
     rgb = None
     try:
@@ -179,44 +181,47 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
             rgb = portrait.load(image)
         except InputError as exc:
             problems.append(str(exc))
+    inputs = None
+    warnings: list[str] = []
+    if rgb is not None:
+        src_h, src_w = rgb.shape[:2]
+        width, height = portrait.output_size(parse_size(preset.size), src_w / src_h,
+                                             engine.size_multiple())
+        out_face = portrait.map_box(face, src_w, src_h, width, height) if face else None
+        inputs = JobInputs(audio=audio, image=image, job_dir=job.path, portrait=job.portrait,
+                           features=job.features, width=width, height=height, fps=preset.fps,
+                           face=out_face)
+        engine_problems, warnings = engine.check(inputs)
+        # A dry run still prints the commands, so engine set-up problems only warn there.
+        (warnings if dry_run else problems).extend(engine_problems)
     _raise_all(problems)
-    assert rgb is not None
-    engine = engines.create(preset)
+    assert rgb is not None and inputs is not None
+    slots = engine.slots(jobs, gpus)
 
     # 2. Audio analysis (one streaming decode) and the plan.
     feats = analysis.analyse(audio, preset.fps)
     if feats.frames == 0:
         raise InputError(f"{audio}: audio has zero length")
-    warnings = []
     if feats.silent:
         warnings.append(f"{audio}: the audio is silence only; the mouth will stay closed")
-    src_h, src_w = rgb.shape[:2]
-    width, height = portrait.output_size(parse_size(preset.size), src_w / src_h,
-                                         engine.size_multiple())
-    plan = make_plan(feats.frames, fps=preset.fps, width=width, height=height,
+    plan = make_plan(feats.frames, fps=preset.fps, width=inputs.width, height=inputs.height,
                      infer_frames=preset.infer_frames, clips_per_batch=preset.clips_per_batch,
                      loudness_db=feats.db)
-    out_face = portrait.map_box(face, src_w, src_h, width, height) if face else None
-    job = JobDir.for_output(output)
-    inputs = JobInputs(audio=audio, image=image, job_dir=job.path, portrait=job.portrait,
-                       features=job.features, width=width, height=height, fps=preset.fps,
-                       face=out_face)
     result = Result(output=output, job_dir=job.path, duration_s=feats.duration_s,
-                    frames=plan.frames, width=width, height=height, fps=plan.fps,
+                    frames=plan.frames, width=plan.width, height=plan.height, fps=plan.fps,
                     preset=resolved.name, engine=preset.engine, batches=[], dry_run=dry_run,
                     warnings=warnings)
     for w in warnings:
         events.warn(w)
-
     if dry_run:
-        result.batches = _views(plan, engine, inputs, job, {})
+        result.batches = _views(plan, engine, inputs, job, {}, slots)
         result.seconds = time.monotonic() - started
         return result
 
     # 3. The job directory: resume a matching job, refuse to mix with a different one.
     digests = {"audio": file_digest(audio), "image": file_digest(image)}
     rendering = {k: v for k, v in preset.to_dict().items() if k not in NON_RENDERING_KEYS}
-    rendering["face"] = list(out_face) if out_face else None
+    rendering["face"] = list(inputs.face) if inputs.face else None
     key = job_key(digests, rendering)
     manifest = _open_job(job, key, force=force)
     if manifest is None:
@@ -231,7 +236,7 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
 
     reused = [p["index"] for p in parts if p["state"] == "done"
               and is_whole(job.part(p["index"]), frames=plan.batches[p["index"]].frames,
-                           width=width, height=height, fps=plan.fps)]
+                           width=plan.width, height=plan.height, fps=plan.fps)]
     pending = [b.index for b in plan.batches if b.index not in reused]
     for i in pending:
         if parts[i]["state"] == "done":
@@ -246,7 +251,7 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
     done_frames = sum(plan.batches[i].frames for i in reused)
     with events.progress(plan.frames, done_frames) as bar:
         hooks = _manifest_hooks(job, manifest, bar)
-        runner = Runner(job.path, job.log, slots=[{}] * jobs, cooldown_s=preset.cooldown_s,
+        runner = Runner(job.path, job.log, slots=slots, cooldown_s=preset.cooldown_s,
                         hooks=hooks)
         try:
             runner.run(pending)
@@ -259,11 +264,11 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
 
     # 5. Join, mux the original audio once, verify, publish.
     assemble([job.part(b.index) for b in plan.batches], audio, output,
-             audio_s=feats.duration_s, frames=plan.frames, width=width, height=height,
-             fps=plan.fps)
+             audio_s=feats.duration_s, frames=plan.frames, width=plan.width,
+             height=plan.height, fps=plan.fps)
     manifest["finished"] = now()
     job.save(manifest)
-    result.batches = _views(plan, engine, inputs, job, manifest)
+    result.batches = _views(plan, engine, inputs, job, manifest, slots)
     if not keep_parts:
         job.remove()
     result.seconds = time.monotonic() - started
@@ -350,11 +355,15 @@ def _manifest_hooks(job: JobDir, manifest: dict[str, Any], bar: Any) -> Hooks:
 
 
 def _views(plan: Plan, engine: Engine, inputs: JobInputs, job: JobDir,
-           manifest: dict[str, Any]) -> list[BatchView]:
+           manifest: dict[str, Any], slots: list[dict[str, str]]) -> list[BatchView]:
     parts = manifest.get("parts") or [{"state": "planned"}] * len(plan.batches)
-    return [
-        BatchView(b.index, b.frame_start, b.frame_end, b.start_s(plan.fps), b.end_s(plan.fps),
-                  b.clips, parts[b.index]["state"],
-                  engine.describe(PartTask(inputs=inputs, batch=b, out=job.part(b.index))))
-        for b in plan.batches
-    ]
+    state = manifest.get("engine_state") or {}
+    views = []
+    for b in plan.batches:
+        # Batches take slots in turn when they run concurrently.
+        task = PartTask(inputs=inputs, batch=b, out=job.part(b.index), engine_state=state,
+                        env=slots[b.index % len(slots)])
+        views.append(BatchView(b.index, b.frame_start, b.frame_end, b.start_s(plan.fps),
+                               b.end_s(plan.fps), b.clips, parts[b.index]["state"],
+                               engine.describe(task)))
+    return views

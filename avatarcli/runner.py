@@ -173,8 +173,8 @@ class Runner:
             return  # stopped on purpose; the caller reports why
         kind = "oom" if rc == EXIT_OOM else "crash"
         reason = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
-        message = (f"batch {index} failed ({reason}); last lines of {log_path}:\n"
-                   f"{_tail(log_path)}")
+        tail = "\n".join(f"  | {line}" for line in _tail(log_path).splitlines())
+        message = f"batch {index} failed ({reason}); last lines of {log_path}:\n{tail}"
         with self.hooks.lock:
             self.hooks.failed(index, kind, message)
         raise (OutOfMemoryError if kind == "oom" else EngineError)(message)

@@ -10,6 +10,8 @@ from avatarcli.options import Preset
 
 _ENGINES = {
     "builtin": "avatarcli.engines.builtin.engine:BuiltinEngine",
+    "liveavatar": "avatarcli.engines.liveavatar:LiveAvatarEngine",
+    "command": "avatarcli.engines.command:CommandEngine",
 }
 
 

@@ -53,6 +53,14 @@ class Engine(ABC):
         """Output width/height are multiples of this."""
         return 16
 
+    def check(self, inputs: JobInputs) -> tuple[list[str], list[str]]:
+        """(problems, warnings) found before anything starts; problems stop a real run."""
+        return [], []
+
+    def slots(self, jobs: int, gpus: str | None) -> list[dict[str, str]]:
+        """The environment of each batch process that may run at once (`gpus`: --gpus)."""
+        return [{} for _ in range(jobs)]
+
     def prepare(self, inputs: JobInputs) -> tuple[dict[str, Any], list[str]]:
         """Once per job, in the parent: JSON-able state for every part, and warnings to show."""
         return {}, []

@@ -1,0 +1,62 @@
+"""The one place that launches model processes (torchrun, a command template's program).
+
+Their output goes to the batch's log (this process's stderr, which the runner points at
+logs/batch-NNNN.log); a tail is kept to recognise out-of-memory failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED",
+               "CUDA error: out of memory")
+TAIL_LINES = 200
+
+
+@dataclass(frozen=True)
+class Outcome:
+    returncode: int
+    tail: str
+
+    @property
+    def out_of_memory(self) -> bool:
+        return any(marker in self.tail for marker in OOM_MARKERS)
+
+
+def executable(name: str, cwd: str | Path | None = None) -> bool:
+    """Whether `name` can be run: on PATH, or a path (relative to `cwd`) to an executable."""
+    if os.sep in name or "/" in name:
+        path = Path(name).expanduser()
+        if not path.is_absolute() and cwd is not None:
+            path = Path(cwd).expanduser() / path
+        return path.is_file() and os.access(path, os.X_OK)
+    return shutil.which(name) is not None
+
+
+def run_logged(cmd: list[str], *, cwd: Path | None, env: dict[str, str]) -> Outcome:
+    """Run `cmd` (no shell), copying its output to our stderr; return its exit code and tail."""
+    log.debug("run: %s", shlex.join(cmd))
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    except OSError as exc:
+        return Outcome(127, f"cannot start {cmd[0]}: {exc}")
+    assert proc.stdout is not None
+    tail: list[str] = []
+    for raw in proc.stdout:
+        line = raw.decode("utf-8", "replace")
+        sys.stderr.write(line)
+        tail.append(line)
+        if len(tail) > TAIL_LINES:
+            del tail[0]
+    sys.stderr.flush()
+    return Outcome(proc.wait(), "".join(tail))

@@ -1,0 +1,125 @@
+"""Benchmark of the built-in engine, end to end, against ffmpeg alone.
+
+    python scripts/bench_builtin.py [--seconds 60] [--long-seconds 600] [--workdir DIR]
+
+1. Speed: `avatar gen` on SECONDS of speech at 512x512, 25 fps (frames per second of wall
+   time, process start to verified output), next to ffmpeg alone encoding the same number of
+   frames with the same x264 settings, fed from a raw clip the engine rendered (looped).
+   Targets: >= 250 frames/s and >= 0.5 of the ffmpeg-alone rate.
+2. Memory: peak RSS of the parent and of the largest batch process tree (worker + its ffmpeg)
+   for SECONDS vs LONG_SECONDS of audio. Target: long/short ratio < 1.15 for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures
+
+from avatarcli import ffmpeg
+from avatarcli.engines.builtin.animate import Animator, mouth_openness
+from avatarcli.engines.builtin.face import fallback_layout, find_face
+from avatarcli.portrait import fit, load
+
+SIZE = 512
+FPS = 25
+X264 = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p"]
+
+
+def sample_rss(proc: psutil.Popen, peaks: dict[str, float], stop: threading.Event) -> None:
+    """Peak RSS (MB) of the parent and of each batch process tree, sampled every 20 ms."""
+    while not stop.is_set():
+        try:
+            peaks["parent"] = max(peaks.get("parent", 0.0), proc.memory_info().rss / 1e6)
+            for child in proc.children():
+                tree = [child, *child.children(recursive=True)]
+                rss = sum(p.memory_info().rss for p in tree if p.is_running()) / 1e6
+                peaks["batch"] = max(peaks.get("batch", 0.0), rss)
+        except psutil.Error:
+            pass
+        stop.wait(0.02)
+
+
+def run_gen(audio: Path, image: Path, out: Path) -> tuple[float, dict[str, float], dict]:
+    cmd = [sys.executable, "-m", "avatarcli", "gen", str(audio), str(image), "-o", str(out),
+           "--force", "--json", "--set", f"size={SIZE}*{SIZE}"]
+    peaks: dict[str, float] = {}
+    stop = threading.Event()
+    t0 = time.perf_counter()
+    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = threading.Thread(target=sample_rss, args=(proc, peaks, stop), daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"avatar gen failed ({proc.returncode}):\n{stderr}")
+    return wall, peaks, json.loads(stdout)
+
+
+def ffmpeg_alone(image: Path, frames: int, workdir: Path) -> float:
+    """Wall seconds for ffmpeg to encode `frames` engine-rendered frames with the same settings."""
+    rgb = fit(load(image), SIZE, SIZE)
+    layout = find_face(rgb) or fallback_layout(SIZE, SIZE)
+    animator = Animator(rgb, layout, seed=420, fps=FPS)
+    clip_frames = 250
+    feats = np.stack([np.abs(np.sin(np.arange(clip_frames) / 3.0)),
+                      np.full(clip_frames, 0.6)], axis=1).astype(np.float32)
+    raw = workdir / "clip.rgb"
+    raw.write_bytes(animator.render(np.arange(clip_frames), mouth_openness(feats, 1.0)).tobytes())
+    t0 = time.perf_counter()
+    ffmpeg.run(["-v", "error", "-y", "-stream_loop", "-1", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                "-s", f"{SIZE}x{SIZE}", "-framerate", str(FPS), "-i", str(raw),
+                "-frames:v", str(frames), *X264, str(workdir / "alone.mp4")])
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--long-seconds", type=float, default=600.0)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="avatar-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    image = fixtures.portrait(workdir / "portrait.png", size=SIZE)
+    short = fixtures.speech_track(workdir / "short.wav", seconds=args.seconds, seed=1)
+
+    wall, peaks_short, summary = run_gen(short, image, workdir / "short.mp4")
+    frames = summary["frames"]
+    alone = ffmpeg_alone(image, frames, workdir)
+    fps_e2e, fps_alone = frames / wall, frames / alone
+    print(f"speed ({args.seconds:g} s of audio, {frames} frames, {SIZE}x{SIZE}, "
+          f"{summary['batches']} batch(es)):")
+    print(f"  avatar gen end to end: {wall:6.2f} s  {fps_e2e:7.1f} frames/s "
+          f"({fps_e2e / FPS:.1f}x real time)")
+    print(f"  ffmpeg alone:          {alone:6.2f} s  {fps_alone:7.1f} frames/s")
+    print(f"  ratio: {fps_e2e / fps_alone:.2f} of ffmpeg alone "
+          f"(targets: >= 250 frames/s, >= 0.50)")
+
+    if args.long_seconds > 0:
+        long = fixtures.speech_track(workdir / "long.wav", seconds=args.long_seconds, seed=2)
+        wall_long, peaks_long, summary_long = run_gen(long, image, workdir / "long.mp4")
+        print(f"memory (peak RSS, MB): {args.seconds:g} s vs {args.long_seconds:g} s of audio "
+              f"({summary_long['batches']} batches, {wall_long:.1f} s wall):")
+        for key in ("parent", "batch"):
+            a, b = peaks_short.get(key, 0.0), peaks_long.get(key, 0.0)
+            print(f"  {key:6s}: {a:7.1f} vs {b:7.1f}  ratio {b / a if a else float('nan'):.3f} "
+                  f"(target < 1.15)")
+    print(f"(files in {workdir})")
+
+
+if __name__ == "__main__":
+    main()

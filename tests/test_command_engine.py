@@ -1,0 +1,110 @@
+"""`engine: command` end to end through `avatar gen`, with a stand-in model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from avatarcli import media as m
+
+pytestmark = pytest.mark.slow
+STANDIN = Path(__file__).resolve().parent / "standin_model.py"
+
+
+def preset_file(tmp: Path, *, outdir: bool = False, fps: int = 30, **extra: object) -> Path:
+    where = ["--result_dir", "{outdir}"] if outdir else ["--out", "{out}"]
+    data = {
+        "engine": "command", "size": "256*256", "clips_per_batch": 2,
+        "command": {"template": [sys.executable, str(STANDIN), "--audio", "{audio}",
+                                 "--image", "{image}", *where, "--fps", str(fps)],
+                    **({"output": "*.mp4"} if outdir else {})},
+        **extra,
+    }
+    path = tmp / "model.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def gen(audio: Path, image: Path, out: Path, preset: Path, *extra: str,
+        mode: str = "success") -> subprocess.CompletedProcess[str]:
+    env = {"STANDIN_MODE": mode, "PATH": "/usr/bin:/bin"}
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "avatarcli", "gen", str(audio), str(image), "-o", str(out),
+         "-p", str(preset), "--json", *extra],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **env},
+        stdin=subprocess.DEVNULL)
+
+
+def test_model_at_another_fps_is_retimed_and_joined(media: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    # Paths with spaces, quotes, non-ASCII and a leading dash: no shell is involved.
+    folder = tmp_path / "my 'odd' folder ü"
+    folder.mkdir()
+    image = folder / "-face \"x\".png"
+    shutil.copy(media["portrait"], image)
+    out = folder / "talk.mp4"
+    run = gen(media["speech6"], image, out, preset_file(tmp_path, fps=30))
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["batches"] == 2 and summary["frames"] == 150
+    assert m.video_frames(out) == 150
+    assert abs(m.audio_seconds(out) - 6.0) <= 0.04
+    assert m.probe(out).first("video").fps == 25  # type: ignore[union-attr]
+
+
+def test_outdir_and_glob(media: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "t.mp4"
+    run = gen(media["speech6"], media["portrait"], out, preset_file(tmp_path, outdir=True))
+    assert run.returncode == 0, run.stderr
+    assert m.video_frames(out) == 150
+
+
+@pytest.mark.parametrize(("mode", "code", "message", "failure"), [
+    ("crash", 3, "exited with 1", "crash"),
+    ("oom", 4, "out of memory", "oom"),
+    ("nofile", 3, "wrote no video", "crash"),
+    ("short", 3, "the batch needs", "crash"),
+])
+def test_failures_are_reported_and_recorded(media: dict[str, Path], tmp_path: Path, mode: str,
+                                            code: int, message: str, failure: str) -> None:
+    out = tmp_path / "t.mp4"
+    run = gen(media["speech6"], media["portrait"], out, preset_file(tmp_path), mode=mode)
+    assert run.returncode == code, run.stderr
+    assert message in run.stderr
+    assert "batch-0000.log" in run.stderr  # the failure points at the log
+    assert not out.exists()
+    manifest = json.loads((tmp_path / "t.mp4.parts" / "manifest.json").read_text())
+    assert manifest["parts"][0]["state"] == "failed"
+    assert manifest["parts"][0]["failure"] == failure
+    # The rest was cancelled, not run.
+    assert all(p["state"] == "pending" for p in manifest["parts"][1:])
+
+
+def test_template_problems_are_caught_before_launch(media: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"engine": "command",
+                                   "command": {"template": ["nosuchmodel", "{audio}", "{outt}"]}}))
+    run = gen(media["speech6"], media["portrait"], tmp_path / "t.mp4", bad)
+    assert run.returncode == 2
+    assert "unknown placeholder {outt}" in run.stderr
+    assert "nosuchmodel: command not found" in run.stderr
+    assert not (tmp_path / "t.mp4.parts").exists()
+
+
+def test_dry_run_prints_each_command(media: dict[str, Path], tmp_path: Path) -> None:
+    run = gen(media["speech6"], media["portrait"], tmp_path / "t.mp4", preset_file(tmp_path),
+              "--dry-run")
+    assert run.returncode == 0, run.stderr
+    plan = json.loads(run.stdout)["plan"]
+    assert len(plan) == 2
+    assert "standin_model.py --audio" in plan[1]["command"]
+    assert "batch-0001.wav" in plan[1]["command"]
