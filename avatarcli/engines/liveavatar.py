@@ -92,9 +92,11 @@ class LiveAvatarEngine(Engine):
             problems.append("liveavatar.lora_path is not set: give a LOCAL path to the "
                             "Live-Avatar LoRA so nothing is downloaded at run time "
                             f"(or ${ENV_VARS['lora_path']})")
-        elif self.conf["repo"] and not self._in_repo(self.conf["lora_path"]).exists():
-            problems.append(f"{self._in_repo(self.conf['lora_path'])}: LoRA path not found "
-                            f"(liveavatar.lora_path)")
+        elif self.conf["repo"] and not self._in_repo(self.conf["lora_path"]).is_file():
+            # Upstream torch.load()s anything that is not .safetensors: a folder fails late.
+            problems.append(f"{self._in_repo(self.conf['lora_path'])}: LoRA file not found "
+                            f"(liveavatar.lora_path must name the file itself, e.g. "
+                            f"ckpt/LiveAvatar/liveavatar.safetensors)")
         torchrun = self.conf["torchrun"]
         if not procs.executable(torchrun, cwd=self.conf['repo'] or None):
             problems.append(f"{torchrun}: torchrun not found (liveavatar.torchrun: the torchrun "
