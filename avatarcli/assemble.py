@@ -17,7 +17,8 @@ def _concat_line(path: Path) -> str:
 
 
 def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, frames: int,
-             width: int, height: int, fps: int, audio_bitrate: str = "192k") -> None:
+             width: int, height: int, fps: int, tag: str = "",
+             audio_bitrate: str = "192k") -> None:
     """Concatenate `parts`, mux `audio` as AAC, verify, then atomically move to `output`."""
     fd, list_name = tempfile.mkstemp(prefix=".concat-", suffix=".txt", dir=output.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -31,6 +32,8 @@ def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, fr
             "-v", "error", "-y", "-f", "concat", "-safe", "0", "-i", list_name,
             "-i", str(audio), "-map", "0:v:0", "-map", "1:a:0",
             "-c:v", "copy", "-c:a", "aac", "-b:a", audio_bitrate,
+            # Which job made this file: lets a batch rerun skip outputs that are done.
+            *(["-metadata", f"comment={tag}"] if tag else []),
             "-movflags", "+faststart", "-f", "mp4", str(tmp),
         ])
         verify_output(tmp, audio_s=audio_s, frames=frames, width=width, height=height, fps=fps)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from avatarcli import __version__, presets
-from avatarcli.errors import AvatarError, InputError
+from avatarcli.errors import AvatarError, InputError, Interrupted
 from avatarcli.pipeline import Events, Result, generate
 
 app = typer.Typer(
@@ -52,10 +52,21 @@ def handle_errors(func: F) -> F:
                 _err(f"  {line}" if line.startswith((" ", "\t")) else f"error: {line}")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            _err("interrupted; rerun the same command to resume")
+            _err("error: interrupted (SIGINT); rerun the same command to resume")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    # Raised in the main thread: the runner stops its batch processes, the job is saved.
+    raise Interrupted("interrupted (SIGTERM); rerun the same command to resume", signum)
+
+
+def _install_signal_handlers() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 class _TqdmHandler(logging.Handler):
@@ -148,6 +159,7 @@ def gen(
 ) -> None:
     """Render AUDIO spoken by the face in IMAGE into one verified MP4 (resumable)."""
     _setup_logging(verbose, quiet or as_json)
+    _install_signal_handlers()
     overrides = presets.parse_set(set_ or [])
     resolved = presets.resolve(preset, overrides)
     if prompt is not None and resolved.preset.engine in ("liveavatar", "command"):

@@ -101,6 +101,17 @@ class JobDir:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def clear(self) -> None:
+        """Remove everything but the lock file, which the caller holds."""
+        if self.path.is_dir():
+            for entry in self.path.iterdir():
+                if entry.name == "lock":
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
     def load(self) -> dict[str, Any]:
         """The manifest, checked enough that a damaged or hand-edited one is refused clearly."""
         try:
@@ -121,3 +132,65 @@ class JobDir:
     def save(self, manifest: dict[str, Any]) -> None:
         manifest["updated"] = now()
         write_json_atomic(self.manifest_path, manifest)
+
+
+class JobLock:
+    """An exclusive lock on a job, held for the life of one process (flock: released by the
+    kernel when the holder dies, so a lock left by a dead process is simply taken over).
+
+    The lock file records who holds it, to tell the next process.
+    """
+
+    def __init__(self, job: JobDir) -> None:
+        self.path = job.path / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+
+        from avatarcli.errors import BusyError
+
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._read(fd)
+                os.close(fd)
+                raise BusyError(f"{self.path.parent}: busy, rendered by pid "
+                                f"{holder.get('pid', '?')} on {holder.get('host', '?')} "
+                                f"since {holder.get('since', '?')}") from None
+            # The holder may have removed the job (and this file) between our open and lock.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any]:
+        try:
+            data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> JobLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()

@@ -22,7 +22,7 @@ from avatarcli.assemble import assemble
 from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, InputError
 from avatarcli.ffmpeg import ffmpeg_exe
-from avatarcli.job import JobDir, file_digest, job_key, now
+from avatarcli.job import JobDir, JobLock, file_digest, job_key, now
 from avatarcli.options import NON_RENDERING_KEYS
 from avatarcli.plan import Plan, make_plan
 from avatarcli.presets import ResolvedPreset, parse_size
@@ -218,8 +218,25 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
         result.seconds = time.monotonic() - started
         return result
 
-    # 3. The job directory: resume a matching job, refuse to mix with a different one.
-    digests = {"audio": file_digest(audio), "image": file_digest(image)}
+    # 3-5. Under the job's lock: another live process rendering it makes this one stop.
+    with JobLock(job):
+        if output.exists() and not force:  # it may have appeared while we were checking
+            raise InputError(f"{output}: output exists (use --force to overwrite)")
+        _run_job(job, engine, resolved, inputs, plan, feats, rgb, slots, result, events,
+                 force=force)
+        if not keep_parts:
+            job.remove()  # under the lock, so no other process starts on a half-removed job
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobInputs,
+             plan: Plan, feats: analysis.AudioFeatures, rgb: np.ndarray,
+             slots: list[dict[str, str]], result: Result, events: Events, *,
+             force: bool) -> None:
+    """Resume or start the job, render what is missing, assemble and verify the output."""
+    preset = resolved.preset
+    digests = {"audio": file_digest(inputs.audio), "image": file_digest(inputs.image)}
     rendering = {k: v for k, v in preset.to_dict().items() if k not in NON_RENDERING_KEYS}
     rendering["face"] = list(inputs.face) if inputs.face else None
     key = job_key(digests, rendering)
@@ -247,7 +264,7 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
     if reused:
         events.info(f"resuming {job.path}: {len(reused)} of {len(parts)} parts already done")
 
-    # 4. One process per pending batch.
+    # One process per pending batch.
     done_frames = sum(plan.batches[i].frames for i in reused)
     with events.progress(plan.frames, done_frames) as bar:
         hooks = _manifest_hooks(job, manifest, bar)
@@ -262,17 +279,13 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
                         p.update(state="pending", pid=None)
                 job.save(manifest)
 
-    # 5. Join, mux the original audio once, verify, publish.
-    assemble([job.part(b.index) for b in plan.batches], audio, output,
+    # Join, mux the original audio once, verify, publish.
+    assemble([job.part(b.index) for b in plan.batches], inputs.audio, result.output,
              audio_s=feats.duration_s, frames=plan.frames, width=plan.width,
-             height=plan.height, fps=plan.fps)
+             height=plan.height, fps=plan.fps, tag=f"avatarcli job {key}")
     manifest["finished"] = now()
     job.save(manifest)
     result.batches = _views(plan, engine, inputs, job, manifest, slots)
-    if not keep_parts:
-        job.remove()
-    result.seconds = time.monotonic() - started
-    return result
 
 
 def _open_job(job: JobDir, key: str, *, force: bool) -> dict[str, Any] | None:
@@ -283,7 +296,7 @@ def _open_job(job: JobDir, key: str, *, force: bool) -> dict[str, Any] | None:
         manifest = job.load()
     except InputError:
         if force:
-            job.remove()
+            job.clear()
             return None
         raise
     if manifest["key"] == key:
@@ -291,7 +304,7 @@ def _open_job(job: JobDir, key: str, *, force: bool) -> dict[str, Any] | None:
     if not force:
         raise InputError(f"{job.path}: holds a job made from different inputs or settings; "
                          f"rerun with --force to discard it and start over")
-    job.remove()
+    job.clear()
     return None
 
 

@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +80,22 @@ def render_part(job_dir: Path, index: int) -> None:
              time.monotonic() - started)
 
 
+def watch_parent(parent: int, interval_s: float = 0.5) -> None:
+    """If the parent dies (even by SIGKILL), stop this batch and everything it started.
+
+    The batch process leads its own process group, so one signal reaches a model's
+    torchrun and its children too. Runs as a daemon thread.
+    """
+
+    def loop() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        log.error("parent process %d is gone; stopping this batch", parent)
+        os.killpg(os.getpgid(0), signal.SIGTERM)
+
+    threading.Thread(target=loop, name="watch-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -85,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m avatarcli.worker JOB_DIR INDEX", file=sys.stderr)
         return 2
+    if os.getpgid(0) == os.getpid():  # only when started as a group leader by the runner
+        watch_parent(os.getppid())
     try:
         render_part(Path(args[0]), int(args[1]))
     except Orphaned as exc:
