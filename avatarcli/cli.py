@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -76,34 +77,62 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-def _setup_logging(verbose: bool, quiet: bool) -> None:
+class _JsonLinesHandler(logging.Handler):
+    """--log-file: one JSON object per line, appended, for machines (cron, log shippers)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.DEBUG)
+        try:
+            self.stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives with the handler)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot open log file ({exc.strerror})") from exc
+
+    def emit(self, record: logging.LogRecord) -> None:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(record.created)),
+                 "level": record.levelname.lower(), "pid": record.process,
+                 "message": record.getMessage(), **getattr(record, "fields", {})}
+        self.stream.write(json.dumps(entry, default=str) + "\n")
+        self.stream.flush()
+
+
+def _setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> None:
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("avatar: %(message)s"))
+    handler.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     root = logging.getLogger("avatarcli")
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if log_file is not None:
+        root.addHandler(_JsonLinesHandler(log_file))
+    root.setLevel(logging.DEBUG if verbose or log_file else handler.level)
     root.propagate = False
 
 
+def _record(message: str, **fields: Any) -> None:
+    """An INFO line for the log file with machine-readable fields (and stderr unless quiet)."""
+    log.info(message, extra={"fields": fields})
+
+
 class CliEvents(Events):
-    def __init__(self, *, bar: bool, quiet: bool) -> None:
+    def __init__(self, *, bar: bool, quiet: bool, position: int = 0, label: str = "rendering",
+                 ) -> None:
         self.bar = bar
         self.quiet = quiet
+        self.position = position
+        self.label = label
 
     def warn(self, message: str) -> None:
-        _err(f"warning: {message}")
+        log.warning("warning: %s", message)
 
     def info(self, message: str) -> None:
-        if not self.quiet:
-            _err(message)
+        log.info("%s", message)
 
     @contextlib.contextmanager
     def progress(self, total_frames: int, done_frames: int) -> Iterator[Any]:
         from tqdm import tqdm
 
-        with tqdm(total=total_frames, initial=done_frames, unit="frame", desc="rendering",
+        with tqdm(total=total_frames, initial=done_frames, unit="frame", desc=self.label,
                   disable=not self.bar, dynamic_ncols=True, file=sys.stderr,
-                  smoothing=0.05) as bar:
+                  smoothing=0.05, position=self.position, leave=self.position == 0) as bar:
             yield bar
 
 
@@ -131,6 +160,26 @@ def _print_plan(result: Result) -> None:
             typer.echo(f"    {b.command}")
 
 
+LogFile = Annotated[Path | None, typer.Option("--log-file", metavar="FILE",
+                                              help="Append structured (JSON lines) logs here.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info, only warnings and errors.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout, nothing else.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging (commands run).")]
+PresetOpt = Annotated[str | None, typer.Option("-p", "--preset",
+                                               help="Preset name or YAML file [default: cpu-preview].")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                  help="Override a preset key (section.key for sections); repeatable.")]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Batch processes at once.")]
+GpusOpt = Annotated[str | None, typer.Option("--gpus", metavar="IDS",
+                                             help="GPU ids for model engines, e.g. 0,2,3 [default: all visible].")]
+KeepParts = Annotated[bool, typer.Option("--keep-parts", help="Keep the job directory after success.")]
+
+
+def _show_bar(quiet: bool) -> bool:
+    # Bars only for a person at a terminal; never in cron, pipes or with --quiet/--json.
+    return not quiet and sys.stdout.isatty() and sys.stderr.isatty()
+
+
 @app.command("gen")
 @handle_errors
 def gen(
@@ -138,39 +187,30 @@ def gen(
     image: Annotated[Path, typer.Argument(help="Portrait (any image Pillow or OpenCV reads).")],
     output: Annotated[Path | None, typer.Option("-o", "--output",
                                                 help="Output MP4 [default: AUDIO with .mp4].")] = None,
-    preset: Annotated[str | None, typer.Option("-p", "--preset",
-                                               help="Preset name or YAML file [default: cpu-preview].")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
-                                                   help="Override a preset key (section.key for sections); repeatable.")] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64,
-                                      help="Batch processes at once.")] = 1,
-    gpus: Annotated[str | None, typer.Option("--gpus", metavar="IDS",
-                                             help="GPU ids for model engines, e.g. 0,2,3 [default: all visible].")] = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    jobs: JobsOpt = 1,
+    gpus: GpusOpt = None,
     prompt: Annotated[str | None, typer.Option("--prompt",
                                                help="Text prompt for model engines.")] = None,
     face: Annotated[str | None, typer.Option("--face", metavar="X,Y,W,H",
                                              help="Face box in image pixels when detection fails.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; render nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output; discard a mismatching job.")] = False,
-    keep_parts: Annotated[bool, typer.Option("--keep-parts", help="Keep the job directory after success.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info, only warnings and errors.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout, nothing else.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging (commands run).")] = False,
+    keep_parts: KeepParts = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+    log_file: LogFile = None,
+    verbose: Verbose = False,
 ) -> None:
     """Render AUDIO spoken by the face in IMAGE into one verified MP4 (resumable)."""
-    _setup_logging(verbose, quiet or as_json)
+    _setup_logging(verbose, quiet or as_json, log_file)
     _install_signal_handlers()
-    overrides = presets.parse_set(set_ or [])
-    resolved = presets.resolve(preset, overrides)
-    if prompt is not None and resolved.preset.engine in ("liveavatar", "command"):
-        section = overrides.setdefault(resolved.preset.engine, {})
-        section["prompt"] = prompt
-        resolved = presets.resolve(preset, overrides)
-    bar = not (quiet or as_json) and sys.stdout.isatty() and sys.stderr.isatty()
-    events = CliEvents(bar=bar, quiet=quiet or as_json)
+    resolved = presets.resolve(preset, presets.parse_set(set_ or []), prompt=prompt)
+    events = CliEvents(bar=_show_bar(quiet or as_json), quiet=quiet or as_json)
     result = generate(audio, image, resolved, output=output, jobs=jobs, gpus=gpus,
-                      dry_run=dry_run,
-                      force=force, keep_parts=keep_parts, face=_parse_face(face), events=events)
+                      dry_run=dry_run, force=force, keep_parts=keep_parts,
+                      face=_parse_face(face), events=events)
     if as_json:
         typer.echo(json.dumps(result.summary(), indent=1))
     elif dry_run:
@@ -180,6 +220,66 @@ def gen(
                    f"{result.width}x{result.height}; {len(result.batches)} batches: "
                    f"{len(result.rendered)} rendered, {len(result.reused)} reused) "
                    f"in {result.seconds:.1f} s")
+    if not dry_run:
+        log.debug("done", extra={"fields": {"event": "job", "status": "done",
+                                            **result.summary()}})
+
+
+@app.command("batch")
+@handle_errors
+def batch_cmd(
+    manifest: Annotated[Path, typer.Argument(help="CSV or YAML: audio,image[,output,preset,prompt,set] per row.")],
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    redo: Annotated[bool, typer.Option("--redo", help="Render rows whose output is already current.")] = False,
+    jobs: JobsOpt = 1,
+    gpus: GpusOpt = None,
+    keep_parts: KeepParts = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+    log_file: LogFile = None,
+    verbose: Verbose = False,
+) -> None:
+    """Render every row of MANIFEST; skip current outputs, record failures and go on."""
+    from tqdm import tqdm
+
+    from avatarcli import batch
+
+    _setup_logging(verbose, quiet or as_json, log_file)
+    _install_signal_handlers()
+    rows = batch.load_manifest(manifest)
+    for problem in batch.validate(rows, preset=preset, overrides=set_ or []):
+        log.error("error: %s", problem)  # all of them, before anything renders
+    show = _show_bar(quiet or as_json)
+
+    with tqdm(total=len(rows), unit="video", desc="videos", disable=not show, position=0,
+              file=sys.stderr, dynamic_ncols=True) as rows_bar:
+
+        def on_result(r: batch.RowResult) -> None:
+            rows_bar.update(1)
+            # One summary line per job on stderr (failures even with --quiet), and the log file.
+            detail = f" ({r.reason})" if r.reason else ""
+            line = f"{r.status}: {r.output}{detail} in {r.seconds:.1f} s"
+            if r.status in ("failed", "busy") or not quiet:
+                _err(line)
+            log.debug("%s", line, extra={"fields": {"event": "row", **r.to_dict()}})
+
+        results = batch.run_batch(
+            rows, redo=redo, jobs=jobs, gpus=gpus, keep_parts=keep_parts,
+            row_events=lambda row: CliEvents(bar=show, quiet=quiet or as_json, position=1,
+                                             label=row.output.name),
+            on_result=on_result)
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed", "busy")}
+    if as_json:
+        typer.echo(json.dumps({"rows": [r.to_dict() for r in results], **counts}, indent=1))
+    elif not quiet:
+        width = max(len(r.output) for r in results)
+        for r in results:
+            typer.echo(f"{r.status:<8} {r.output:<{width}}  {r.reason}")
+        typer.echo(", ".join(f"{n} {s}" for s, n in counts.items()))
+    code = batch.exit_code(results)
+    if code:
+        raise typer.Exit(code)
 
 
 @presets_app.callback()

@@ -40,6 +40,7 @@ class Probe:
     format: str
     duration_s: float | None
     streams: tuple[Stream, ...]
+    tags: dict[str, str]  # the container's metadata (title, comment, ...)
 
     def first(self, kind: str) -> Stream | None:
         return next((s for s in self.streams if s.kind == kind and not s.attached_pic), None)
@@ -67,7 +68,18 @@ def probe(path: Path) -> Probe:
         sm = _STREAM_RE.match(line)
         if sm:
             streams.append(_parse_stream(sm.group(1).lower(), sm.group(2)))
-    return Probe(path, fmt_m.group(1), duration, tuple(streams))
+    return Probe(path, fmt_m.group(1), duration, tuple(streams), _container_tags(stderr))
+
+
+def _container_tags(stderr: str) -> dict[str, str]:
+    """`Metadata:` lines of the input, before its first stream (the container's own tags)."""
+    tags: dict[str, str] = {}
+    head = stderr.split("  Duration:", 1)[0]
+    for line in head.splitlines():
+        m = re.match(r"^\s{4}(\w+)\s*: (.*)$", line)
+        if m:
+            tags[m.group(1)] = m.group(2).strip()
+    return tags
 
 
 def _parse_stream(kind: str, desc: str) -> Stream:

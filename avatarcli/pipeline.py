@@ -23,13 +23,14 @@ from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, InputError
 from avatarcli.ffmpeg import ffmpeg_exe
 from avatarcli.job import JobDir, JobLock, file_digest, job_key, now
-from avatarcli.options import NON_RENDERING_KEYS
+from avatarcli.options import NON_RENDERING_KEYS, Preset
 from avatarcli.plan import Plan, make_plan
 from avatarcli.presets import ResolvedPreset, parse_size
 from avatarcli.runner import BatchResult, Hooks, Runner
 from avatarcli.verify import is_whole
 
 log = logging.getLogger(__name__)
+TAG_PREFIX = "avatarcli job "  # the output's comment tag: which job made it
 
 
 @dataclass
@@ -237,9 +238,7 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
     """Resume or start the job, render what is missing, assemble and verify the output."""
     preset = resolved.preset
     digests = {"audio": file_digest(inputs.audio), "image": file_digest(inputs.image)}
-    rendering = {k: v for k, v in preset.to_dict().items() if k not in NON_RENDERING_KEYS}
-    rendering["face"] = list(inputs.face) if inputs.face else None
-    key = job_key(digests, rendering)
+    key = _key(digests, preset, inputs.face)
     manifest = _open_job(job, key, force=force)
     if manifest is None:
         manifest = _new_job(job, key, digests, resolved, plan, feats, rgb, inputs, engine,
@@ -282,10 +281,31 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
     # Join, mux the original audio once, verify, publish.
     assemble([job.part(b.index) for b in plan.batches], inputs.audio, result.output,
              audio_s=feats.duration_s, frames=plan.frames, width=plan.width,
-             height=plan.height, fps=plan.fps, tag=f"avatarcli job {key}")
+             height=plan.height, fps=plan.fps, tag=f"{TAG_PREFIX}{key}")
     manifest["finished"] = now()
     job.save(manifest)
     result.batches = _views(plan, engine, inputs, job, manifest, slots)
+
+
+def _key(digests: dict[str, Any], preset: Preset, face: tuple[int, int, int, int] | None) -> str:
+    rendering = {k: v for k, v in preset.to_dict().items() if k not in NON_RENDERING_KEYS}
+    rendering["face"] = list(face) if face else None
+    return job_key(digests, rendering)
+
+
+def output_is_current(output: Path, audio: Path, image: Path, preset: Preset) -> bool:
+    """Whether `output` is a whole video that this tool made from these inputs and settings
+    (its metadata carries the job key), so a batch rerun may skip it."""
+    if not output.is_file():
+        return False
+    try:
+        info = media.probe(output)
+    except AvatarError:
+        return False
+    if info.first("video") is None or info.first("audio") is None:
+        return False
+    digests = {"audio": file_digest(audio), "image": file_digest(image)}
+    return info.tags.get("comment") == f"{TAG_PREFIX}{_key(digests, preset, None)}"
 
 
 def _open_job(job: JobDir, key: str, *, force: bool) -> dict[str, Any] | None:

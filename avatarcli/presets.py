@@ -162,11 +162,23 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def resolve(ref: str | None = None, overrides: dict[str, Any] | None = None) -> ResolvedPreset:
-    """Load preset `ref` (name or file; default cpu-preview), apply overrides, validate."""
+PROMPT_ENGINES = ("liveavatar", "command")
+
+
+def resolve(ref: str | None = None, overrides: dict[str, Any] | None = None, *,
+            prompt: str | None = None) -> ResolvedPreset:
+    """Load preset `ref` (name or file; default cpu-preview), apply overrides, validate.
+
+    `prompt` (--prompt) goes to the prompt key of the engine the preset uses.
+    """
     name, origin, data = _load_raw(ref or DEFAULT_PRESET, None, ())
     where = origin if origin != "built-in" else f"preset '{name}'"
     preset = build(data, where)
+    overrides = dict(overrides or {})
+    if prompt is not None and preset.engine in PROMPT_ENGINES:
+        section = overrides.get(preset.engine)
+        overrides[preset.engine] = {**(section if isinstance(section, dict) else {}),
+                                    "prompt": prompt}
     if overrides:  # validated apart, so an error names what was wrong: the file or --set
         preset = build(_merge(data, overrides), "--set")
     return ResolvedPreset(name, origin, preset)

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -47,52 +44,6 @@ def test_gen_renders_a_verified_video_in_several_batches(media: dict[str, Path],
 
     again = avatar("gen", str(media["speech30"]), str(media["portrait"]), "-o", str(out))
     assert again.returncode == 2 and "output exists" in again.stderr
-
-
-def _wait_for_running_batch(manifest: Path, proc: subprocess.Popen[str],
-                            timeout: float = 120) -> int:
-    """The pid of a batch process that is running after at least one part is done."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "avatar exited before a batch could be killed"
-        try:
-            parts = json.loads(manifest.read_text())["parts"]
-        except (OSError, ValueError, KeyError):
-            parts = []
-        done = [p for p in parts if p["state"] == "done"]
-        running = [p for p in parts if p["state"] == "running" and p["pid"]]
-        if done and running:
-            return int(running[0]["pid"])
-        time.sleep(0.05)
-    raise AssertionError("no batch reached the running state")
-
-
-def test_killed_batch_is_the_only_one_rendered_again(media: dict[str, Path],
-                                                     tmp_path: Path) -> None:
-    out = tmp_path / "resume.mp4"
-    args = ["gen", str(media["speech30"]), str(media["portrait"]), "-o", str(out),
-            "--set", "clips_per_batch=4", "--set", "size=256*256", "--keep-parts"]
-    proc = subprocess.Popen([sys.executable, "-m", "avatarcli", *args], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-    manifest = tmp_path / "resume.mp4.parts" / "manifest.json"
-    pid = _wait_for_running_batch(manifest, proc)
-    os.kill(pid, signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 3, stderr
-    assert "killed by signal 9" in stderr and "batch-" in stderr
-    assert not out.exists()
-
-    state = {p["index"]: p["state"] for p in json.loads(manifest.read_text())["parts"]}
-    done_before = sorted(i for i, s in state.items() if s == "done")
-    assert done_before and "failed" in state.values()
-
-    rerun = avatar(*args, "--json")
-    assert rerun.returncode == 0, rerun.stderr
-    summary = json.loads(rerun.stdout)
-    assert summary["batches_reused"] == done_before
-    assert sorted(summary["batches_rendered"]) == sorted(set(range(4)) - set(done_before))
-    check_output(out, frames=750, seconds=30.0, size=(256, 256))
 
 
 def test_damaged_part_is_rendered_again(media: dict[str, Path], tmp_path: Path) -> None:

@@ -1,0 +1,223 @@
+"""`run_batch`: many videos from one CSV or YAML manifest, one row at a time.
+
+Every row is checked before anything renders and all problems are reported together; a bad
+or failing row is recorded and the rest go on. Rows whose output is already current (made
+by this tool from the same inputs and settings) are skipped, so a nightly rerun only does
+new work.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from avatarcli import presets
+from avatarcli.errors import AvatarError, BusyError, InputError
+from avatarcli.pipeline import Events, default_output, generate, output_is_current
+
+COLUMNS = ("audio", "image", "output", "preset", "prompt", "set")
+
+
+@dataclass
+class Row:
+    where: str  # "manifest.csv:3": where the row is, for messages
+    audio: Path
+    image: Path
+    output: Path
+    preset: str | None = None
+    prompt: str | None = None
+    overrides: list[str] = field(default_factory=list)  # --set style KEY=VALUE
+    problem: str | None = None  # found by validation: the row is not rendered
+    resolved: presets.ResolvedPreset | None = None
+
+
+@dataclass
+class RowResult:
+    where: str
+    output: str
+    status: str  # done, skipped, failed, busy
+    reason: str = ""
+    exit_code: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return vars(self).copy()
+
+
+def load_manifest(path: Path) -> list[Row]:
+    """Rows of a CSV (header: audio,image[,output,preset,prompt,set]) or YAML manifest."""
+    if not path.is_file():
+        raise InputError(f"{path}: manifest not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read manifest ({exc})") from exc
+    if path.suffix.lower() in (".yaml", ".yml"):
+        records = _yaml_records(path, text)
+    else:
+        records = _csv_records(path, text)
+    if not records:
+        raise InputError(f"{path}: manifest has no rows")
+    base = path.parent
+    return [_row(where, rec, base) for where, rec in records]
+
+
+def _csv_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    reader = csv.DictReader(text.splitlines())
+    header = [h.strip() for h in reader.fieldnames or []]
+    for name in header:
+        if name not in COLUMNS:
+            hint = difflib.get_close_matches(name, COLUMNS, n=1)
+            maybe = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise InputError(f"{path}:1: unknown column '{name}'{maybe} "
+                             f"(columns: {', '.join(COLUMNS)})")
+    for need in ("audio", "image"):
+        if need not in header:
+            raise InputError(f"{path}:1: the header needs an '{need}' column")
+    out = []
+    for rec in reader:
+        clean = {k.strip(): (v or "").strip() for k, v in rec.items() if k is not None}
+        if not any(clean.values()):
+            continue
+        clean["set"] = [s.strip() for s in clean.get("set", "").split(";") if s.strip()]
+        out.append((f"{path}:{reader.line_num}", clean))
+    return out
+
+
+def _yaml_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise InputError(f"{where}: YAML syntax error: "
+                         f"{getattr(exc, 'problem', None) or exc}") from exc
+    if isinstance(data, dict) and "rows" in data:
+        data = data["rows"]
+    if not isinstance(data, list):
+        raise InputError(f"{path}: a manifest is a list of rows (mappings with audio and image)")
+    out = []
+    for i, rec in enumerate(data, start=1):
+        where = f"{path}: row {i}"
+        if not isinstance(rec, dict):
+            raise InputError(f"{where}: a row must be a mapping, got {rec!r}")
+        unknown = [k for k in rec if k not in COLUMNS]
+        if unknown:
+            raise InputError(f"{where}: unknown key '{unknown[0]}' (keys: {', '.join(COLUMNS)})")
+        sets = rec.get("set") or []
+        if isinstance(sets, dict):
+            sets = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                    for k, v in sets.items()]
+        rec = {**{k: "" if v is None else v for k, v in rec.items()}, "set": list(sets)}
+        out.append((where, rec))
+    return out
+
+
+def _row(where: str, rec: dict[str, Any], base: Path) -> Row:
+    def path(value: Any) -> Path:
+        p = Path(str(value)).expanduser()
+        return p if p.is_absolute() else base / p
+
+    audio, image = str(rec.get("audio") or ""), str(rec.get("image") or "")
+    row = Row(where=where, audio=path(audio), image=path(image), output=Path(),
+              preset=str(rec["preset"]) if rec.get("preset") else None,
+              prompt=str(rec["prompt"]) if rec.get("prompt") else None,
+              overrides=[str(s) for s in rec.get("set", [])])
+    row.output = path(rec["output"]) if rec.get("output") else default_output(row.audio)
+    if not audio or not image:
+        row.problem = "needs both 'audio' and 'image'"
+    return row
+
+
+def validate(rows: list[Row], *, preset: str | None, overrides: list[str]) -> list[str]:
+    """Cheap checks of every row (files, presets, outputs); marks bad rows, returns problems."""
+    seen: dict[Path, str] = {}
+    problems = []
+    for row in rows:
+        if row.problem is None:
+            row.problem = _check(row, preset, overrides, seen)
+        if row.problem is not None:
+            problems.append(f"{row.where}: {row.problem}")
+    return problems
+
+
+def _check(row: Row, preset: str | None, overrides: list[str],
+           seen: dict[Path, str]) -> str | None:
+    for what, p in (("audio", row.audio), ("image", row.image)):
+        if not p.is_file():
+            return f"{p}: {what} file not found"
+        if not os.access(p, os.R_OK):
+            return f"{p}: {what} file is not readable"
+    folder = row.output.parent
+    if not folder.is_dir():
+        return f"{row.output}: output folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{row.output}: output folder {folder} is not writable"
+    key = row.output.resolve()
+    if key in seen:
+        return f"{row.output}: same output as {seen[key]}"
+    seen[key] = row.where
+    try:
+        sets = presets.parse_set([*overrides, *row.overrides])
+        resolved = presets.resolve(row.preset or preset, sets, prompt=row.prompt)
+    except InputError as exc:
+        return str(exc)
+    row.resolved = resolved
+    return None
+
+
+def run_batch(rows: list[Row], *, redo: bool = False, jobs: int = 1, gpus: str | None = None,
+              keep_parts: bool = False, events: Events | None = None,
+              row_events: Callable[[Row], Events] | None = None,
+              on_result: Callable[[RowResult], None] | None = None) -> list[RowResult]:
+    """Render each valid row; record failures and go on. Interruptions stop the batch."""
+    events = events or Events()
+    results = []
+    for row in rows:
+        started = time.monotonic()
+        result = _one(row, redo=redo, jobs=jobs, gpus=gpus, keep_parts=keep_parts,
+                      events=row_events(row) if row_events else events)
+        result.seconds = round(time.monotonic() - started, 2)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
+def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
+         events: Events) -> RowResult:
+    out = str(row.output)
+    if row.problem is not None or row.resolved is None:
+        return RowResult(row.where, out, "failed", row.problem or "invalid row", 2)
+    if row.output.exists() and not redo:
+        if output_is_current(row.output, row.audio, row.image, row.resolved.preset):
+            return RowResult(row.where, out, "skipped", "output is current")
+        return RowResult(row.where, out, "failed", "output exists, made from other inputs or "
+                         "settings (use --redo to render it again)", 2)
+    try:
+        generate(row.audio, row.image, row.resolved, output=row.output, jobs=jobs, gpus=gpus,
+                 force=redo, keep_parts=keep_parts, events=events)
+    except BusyError as exc:
+        return RowResult(row.where, out, "busy", str(exc), exc.exit_code)
+    except AvatarError as exc:
+        if exc.exit_code >= 128:  # interrupted: stop the whole batch
+            raise
+        return RowResult(row.where, out, "failed", str(exc).splitlines()[0], exc.exit_code)
+    return RowResult(row.where, out, "done")
+
+
+def exit_code(results: list[RowResult]) -> int:
+    """1 if any row failed, else 75 if any was busy, else 0."""
+    if any(r.status == "failed" for r in results):
+        return 1
+    if any(r.status == "busy" for r in results):
+        return 75
+    return 0

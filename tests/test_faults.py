@@ -1,0 +1,184 @@
+"""Faults a cron job meets: signals, a killed parent, a second run, damaged state."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from avatarcli import media as m
+
+pytestmark = pytest.mark.slow
+
+
+def start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "avatarcli", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+
+
+def avatar(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "avatarcli", *args], capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def gen_args(media: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["gen", str(media["speech30"]), str(media["portrait"]), "-o", str(out),
+            "--set", "clips_per_batch=4", "--set", "size=256*256", *extra]
+
+
+def wait_for_running_batch(manifest: Path, proc: subprocess.Popen[str],
+                           timeout: float = 120) -> int:
+    """The pid of a batch process that is running after at least one part is done."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "avatar exited before a batch could be caught running"
+        try:
+            parts = json.loads(manifest.read_text())["parts"]
+        except (OSError, ValueError, KeyError):
+            parts = []
+        done = [p for p in parts if p["state"] == "done"]
+        running = [p for p in parts if p["state"] == "running" and p["pid"]]
+        if done and running:
+            return int(running[0]["pid"])
+        time.sleep(0.05)
+    raise AssertionError("no batch reached the running state")
+
+
+def gone(pid: int, timeout: float = 10) -> bool:
+    """Whether the process exits (or is only a zombie) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def processes_mentioning(text: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and any(text in a for a in p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def resume_and_check(media: dict[str, Path], out: Path, done_before: list[int]) -> None:
+    rerun = avatar(*gen_args(media, out), "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["batches_reused"] == done_before
+    assert sorted(summary["batches_rendered"]) == sorted(set(range(4)) - set(done_before))
+    assert m.video_frames(out) == 750
+    assert abs(m.audio_seconds(out) - 30.0) <= 0.04
+
+
+def done_parts(manifest: Path) -> list[int]:
+    return sorted(p["index"] for p in json.loads(manifest.read_text())["parts"]
+                  if p["state"] == "done")
+
+
+def test_sigkill_of_a_batch_process_costs_only_that_batch(media: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "talk.mp4"
+    proc = start(*gen_args(media, out))
+    manifest = tmp_path / "talk.mp4.parts" / "manifest.json"
+    os.kill(wait_for_running_batch(manifest, proc), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr
+    assert "killed by signal 9" in stderr and "batch-" in stderr
+    assert not out.exists()
+    states = {p["state"] for p in json.loads(manifest.read_text())["parts"]}
+    assert "failed" in states and "running" not in states
+    resume_and_check(media, out, done_parts(manifest))
+
+
+def test_sigterm_stops_the_batch_and_the_job_resumes(media: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "talk.mp4"
+    proc = start(*gen_args(media, out))
+    manifest = tmp_path / "talk.mp4.parts" / "manifest.json"
+    worker = wait_for_running_batch(manifest, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "interrupted (SIGTERM)" in stderr and "Traceback" not in stderr
+    assert gone(worker), "the batch process outlived its parent's SIGTERM"
+    states = [p["state"] for p in json.loads(manifest.read_text())["parts"]]
+    assert "running" not in states and "failed" not in states  # interrupted, not failed
+    resume_and_check(media, out, done_parts(manifest))
+
+
+def test_sigkill_of_the_parent_leaves_no_orphan(media: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "talk.mp4"
+    proc = start(*gen_args(media, out))
+    manifest = tmp_path / "talk.mp4.parts" / "manifest.json"
+    worker = wait_for_running_batch(manifest, proc)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert gone(worker), "the batch process kept rendering after its parent died"
+    assert processes_mentioning(str(tmp_path / "talk.mp4.parts")) == []
+    # The manifest still says "running" (nobody was left to say otherwise): resume copes.
+    resume_and_check(media, out, done_parts(manifest))
+    assert processes_mentioning(str(tmp_path / "talk.mp4.parts")) == []
+
+
+def test_second_run_on_a_busy_job_exits_75(media: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "talk.mp4"
+    first = start(*gen_args(media, out))
+    wait_for_running_batch(tmp_path / "talk.mp4.parts" / "manifest.json", first)
+    second = avatar(*gen_args(media, out))
+    assert second.returncode == 75, second.stderr
+    assert f"busy, rendered by pid {first.pid} on " in second.stderr
+    _, stderr = first.communicate(timeout=180)
+    assert first.returncode == 0, stderr  # the second run did not disturb the first
+    assert m.video_frames(out) == 750
+
+
+def test_busy_row_in_a_batch_is_skipped_with_75(media: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "talk.mp4"
+    first = start(*gen_args(media, out))
+    wait_for_running_batch(tmp_path / "talk.mp4.parts" / "manifest.json", first)
+    manifest = tmp_path / "rows.csv"
+    manifest.write_text(f"audio,image,output,set\n{media['speech30']},{media['portrait']},"
+                        f"{out},clips_per_batch=4;size=256*256\n")
+    batch = avatar("batch", str(manifest), "--json")
+    assert batch.returncode == 75, batch.stderr
+    assert json.loads(batch.stdout)["rows"][0]["status"] == "busy"
+    first.communicate(timeout=180)
+    assert first.returncode == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "hand-edited"])
+def test_damaged_manifest_is_a_clear_error(media: dict[str, Path], tmp_path: Path,
+                                           damage: str) -> None:
+    out = tmp_path / "short.mp4"
+    args = ["gen", str(media["speech6"]), str(media["portrait"]), "-o", str(out),
+            "--set", "size=256*256", "--keep-parts"]
+    assert avatar(*args).returncode == 0
+    out.unlink()
+    manifest = tmp_path / "short.mp4.parts" / "manifest.json"
+    if damage == "truncated":
+        manifest.write_text(manifest.read_text()[:100])
+    else:
+        data = json.loads(manifest.read_text())
+        data["parts"][0]["state"] = "finished-ish"
+        manifest.write_text(json.dumps(data))
+    run = avatar(*args)
+    assert run.returncode == 2
+    assert "job manifest is damaged" in run.stderr and "--force" in run.stderr
+    assert "Traceback" not in run.stderr and not out.exists()
+    assert avatar(*args, "--force").returncode == 0
