@@ -9,7 +9,7 @@ import numpy as np
 
 from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress
 
-CHUNK_FRAMES = 32  # frames rendered per call: big enough to vectorise, small for smooth progress
+CHUNK_FRAMES = 8  # frames per call: small chunks keep the encoder fed and memory flat (measured)
 
 
 class BuiltinEngine(Engine):
@@ -36,7 +36,7 @@ class BuiltinEngine(Engine):
         return {"layout": layout.to_dict()}, warnings
 
     def render(self, task: PartTask, progress: Progress) -> None:
-        import torch
+        import cv2
         from PIL import Image
 
         from avatarcli import media
@@ -44,8 +44,8 @@ class BuiltinEngine(Engine):
         from avatarcli.engines.builtin.face import FaceLayout
 
         threads = int(os.environ.get("AVATARCLI_THREADS", "0"))
-        if threads > 0:
-            torch.set_num_threads(threads)
+        if threads > 0:  # concurrent batches share the cores (OpenCV has its own pool)
+            cv2.setNumThreads(threads)
         opts = self.preset.builtin
         inp, batch = task.inputs, task.batch
         with Image.open(inp.portrait) as im:
@@ -60,11 +60,16 @@ class BuiltinEngine(Engine):
                                     head_motion=opts.head_motion, teeth=opts.teeth),
         )
         with media.VideoWriter(task.out, width=inp.width, height=inp.height, fps=inp.fps,
-                               preset=opts.x264_preset, crf=opts.crf,
-                               threads=threads) as writer:
+                               preset=opts.x264_preset, crf=opts.crf, threads=threads,
+                               pix_fmt="yuv420p") as writer:
             for start in range(batch.frame_start, batch.frame_end, CHUNK_FRAMES):
                 end = min(start + CHUNK_FRAMES, batch.frame_end)
                 indices = np.arange(start, end, dtype=np.int64)
                 local = slice(start - batch.frame_start, end - batch.frame_start)
-                writer.write(animator.render(indices, openness[local]))
+                rgb = animator.render(indices, openness[local])
+                # A fresh buffer per chunk: the writer owns it until ffmpeg has read it.
+                yuv = np.empty((len(rgb), inp.height * 3 // 2, inp.width), np.uint8)
+                for i, frame in enumerate(rgb):
+                    cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420, dst=yuv[i])
+                writer.write(yuv)
                 progress(end - batch.frame_start)

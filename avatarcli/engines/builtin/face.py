@@ -27,7 +27,7 @@ _EYE_Y = 0.38  # eye centre, share of the box height from the top
 _EYE_HW = 0.095  # half-width of the visible eye opening / box width
 _EYE_HH = 0.033  # half-height of the eye opening / box width
 _MOUTH_Y = 0.81  # line where the lips meet / box height
-_MOUTH_HW = 0.19  # mouth half-width / box width
+_MOUTH_HW = 0.17  # mouth half-width / box width; narrow-ish, so an opening stays inside
 
 # Search for the face in a copy no larger than this (longest side): Haar cost grows with
 # the pixel count, and a portrait's face (>= 15 % of the shorter side) stays >= 38 px.
@@ -122,13 +122,12 @@ def _geometry_mouth(x: float, y: float, w: float, h: float) -> Mouth:
     return (x + 0.5 * w, y + _MOUTH_Y * h, _MOUTH_HW * w)
 
 
-def layout_from_box(
-    x: float, y: float, w: float, h: float, *, source: str = "user"
-) -> FaceLayout:
-    """A layout from a face box alone, using typical face proportions."""
-    w = max(float(w), 1.0)
-    h = max(float(h), 1.0)
-    x, y = float(x), float(y)
+def layout_from_box(x: float, y: float, w: float, h: float, *, source: str = "user") -> FaceLayout:
+    """A layout from a face box alone (e.g. ``--face X,Y,W,H``), from typical proportions."""
+    return _box_layout(float(x), float(y), max(float(w), 1.0), max(float(h), 1.0), source)
+
+
+def _box_layout(x: float, y: float, w: float, h: float, source: str) -> FaceLayout:
     left, right = _geometry_eyes(x, y, w, h)
     return FaceLayout(
         face=(x, y, w, h),
@@ -148,16 +147,16 @@ def fallback_layout(width: int, height: int) -> FaceLayout:
     side = 0.45 * min(width, height)
     x = 0.5 * (width - side)
     y = max(0.0, 0.42 * height - 0.5 * side)
-    return layout_from_box(x, y, side, side, source="fallback")
+    return _box_layout(x, y, side, side, "fallback")
 
 
 # --- detection ------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cascade(name: str) -> cv2.CascadeClassifier:
     # Loading a cascade parses a large XML file; do it once per process.
-    path = str(cv2.data.haarcascades) + name
+    path = str(cv2.data.haarcascades) + name  # type: ignore[attr-defined]
     cascade = cv2.CascadeClassifier(path)
     if cascade.empty():
         raise RuntimeError(f"OpenCV Haar cascade missing: {path}")
@@ -203,13 +202,10 @@ def _detect_face(gray: np.ndarray) -> Box | None:
         keep = [i for i in range(len(rects)) if conf[i] >= 0.3 * conf.max()] or [
             int(np.argmax(conf))
         ]
-        bx, by, bw, bh = (float(v) for v in max((rects[i] for i in keep), key=_area))
+        best = max(keep, key=lambda i: float(rects[i][2]) * float(rects[i][3]))
+        bx, by, bw, bh = (float(v) for v in rects[best])
         return (bx / scale, by / scale, bw / scale, bh / scale)
     return None
-
-
-def _area(rect: np.ndarray) -> float:
-    return float(rect[2]) * float(rect[3])
 
 
 def _detect_eyes(face: np.ndarray) -> tuple[Box | None, Box | None]:
@@ -265,7 +261,7 @@ def _detect_mouth(face: np.ndarray) -> Mouth | None:
         if 0.38 <= cx <= 0.62 and 0.68 <= cy <= 0.95 and 0.3 <= width <= 0.8:
             err = abs(cx - 0.5) + abs(cy - _MOUTH_Y)
             if best is None or err < best[0]:
-                best = (err, (cx, cy, 0.4 * width))
+                best = (err, (cx, cy, min(0.35 * width, 0.22)))
     return None if best is None else best[1]
 
 
@@ -300,7 +296,7 @@ def find_face(rgb: np.ndarray) -> FaceLayout | None:
     x0, y0 = int(max(0.0, round(x))), int(max(0.0, round(y)))
     x1, y1 = int(min(img_w, round(x + w))), int(min(img_h, round(y + h)))
     if x1 - x0 < 8 or y1 - y0 < 8:
-        return layout_from_box(x, y, w, h, source="geometry")
+        return _box_layout(x, y, w, h, "geometry")
     cw, ch = float(x1 - x0), float(y1 - y0)
     # Features are searched in the face box resampled to a fixed size: scale-free and fast.
     face = cv2.equalizeHist(
