@@ -166,13 +166,29 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info,
 AsJson = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout, nothing else.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging (commands run).")]
 PresetOpt = Annotated[str | None, typer.Option("-p", "--preset",
-                                               help="Preset name or YAML file [default: cpu-preview].")]
+                                               help="Preset name or YAML file, or 'auto' (the best that fits the GPUs) [default: cpu-preview].")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                   help="Override a preset key (section.key for sections); repeatable.")]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Batch processes at once.")]
 GpusOpt = Annotated[str | None, typer.Option("--gpus", metavar="IDS",
                                              help="GPU ids for model engines, e.g. 0,2,3 [default: all visible].")]
 KeepParts = Annotated[bool, typer.Option("--keep-parts", help="Keep the job directory after success.")]
+
+
+def _preset_ref(preset: str | None, gpus: str | None) -> str | None:
+    """`-p auto`: the best built-in preset whose memory estimate fits the visible GPUs."""
+    if preset != "auto":
+        return preset
+    from avatarcli import fit
+    from avatarcli import gpus as gpu_info
+
+    facts = gpu_info.facts()
+    if gpus:
+        wanted = gpu_info.parse_list(gpus)
+        facts = [f for f in facts if f.index in wanted]
+    name, why = fit.auto_preset(facts)
+    _err(f"preset auto: {name} ({why})")
+    return name
 
 
 def _show_bar(quiet: bool) -> bool:
@@ -206,7 +222,8 @@ def gen(
     """Render AUDIO spoken by the face in IMAGE into one verified MP4 (resumable)."""
     _setup_logging(verbose, quiet or as_json, log_file)
     _install_signal_handlers()
-    resolved = presets.resolve(preset, presets.parse_set(set_ or []), prompt=prompt)
+    resolved = presets.resolve(_preset_ref(preset, gpus), presets.parse_set(set_ or []),
+                               prompt=prompt)
     events = CliEvents(bar=_show_bar(quiet or as_json), quiet=quiet or as_json)
     result = generate(audio, image, resolved, output=output, jobs=jobs, gpus=gpus,
                       dry_run=dry_run, force=force, keep_parts=keep_parts,
@@ -216,10 +233,16 @@ def gen(
     elif dry_run:
         _print_plan(result)
     elif not quiet:
+        retried = [f"batch {b.index} at rung {b.rung}" for b in result.batches if b.rung]
         typer.echo(f"wrote {result.output} ({result.duration_s:.1f} s, {result.frames} frames, "
                    f"{result.width}x{result.height}; {len(result.batches)} batches: "
                    f"{len(result.rendered)} rendered, {len(result.reused)} reused) "
                    f"in {result.seconds:.1f} s")
+        if retried:
+            typer.echo(f"after out-of-memory retries: {', '.join(retried)} "
+                       f"(lighter settings from the preset's oom_retry)")
+        if result.telemetry.get("summary"):
+            typer.echo(f"batches: {result.telemetry['summary']}")
     if not dry_run:
         log.debug("done", extra={"fields": {"event": "job", "status": "done",
                                             **result.summary()}})
@@ -248,6 +271,7 @@ def batch_cmd(
     _setup_logging(verbose, quiet or as_json, log_file)
     _install_signal_handlers()
     rows = batch.load_manifest(manifest)
+    preset = _preset_ref(preset, gpus)
     for problem in batch.validate(rows, preset=preset, overrides=set_ or []):
         log.error("error: %s", problem)  # all of them, before anything renders
     show = _show_bar(quiet or as_json)
@@ -280,6 +304,76 @@ def batch_cmd(
     code = batch.exit_code(results)
     if code:
         raise typer.Exit(code)
+
+
+@app.command("doctor")
+@handle_errors
+def doctor_cmd(
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    as_json: AsJson = False,
+) -> None:
+    """Check ffmpeg, torch, GPUs, the LiveAvatar set-up and disk space; say how to fix problems."""
+    from avatarcli import doctor
+
+    resolved = presets.resolve(preset, presets.parse_set(set_ or [])) if preset or set_ else None
+    checks = doctor.run_checks(preset=resolved.preset if resolved else None,
+                               jobs_dir=Path.cwd())
+    typer.echo(doctor.to_json(checks) if as_json else doctor.format_text(checks))
+    code = doctor.exit_code(checks)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("plan")
+@handle_errors
+def plan_cmd(
+    audio: Annotated[Path | None, typer.Argument(help="Optional recording: also plan its batches.")] = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", min=1, max=64,
+                                             help="GPUs per launch [default: the preset's].")] = None,
+    gpu_mem: Annotated[float | None, typer.Option("--gpu-mem", metavar="GB", min=1,
+                                                  help="Memory of one card [default: the smallest visible].")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Estimate a preset's peak GPU memory per card; with AUDIO, the batch plan and time."""
+    from avatarcli import fit, history
+    from avatarcli import gpus as gpu_info
+
+    _setup_logging(False, as_json)
+    facts = gpu_info.facts()
+    resolved = presets.resolve(_preset_ref(preset, None), presets.parse_set(set_ or []))
+    if audio is not None and not audio.is_file():
+        raise InputError(f"{audio}: audio file not found")
+    seen = history.seen(resolved.preset, facts[0].name if facts else None)
+    result = fit.memory_plan(resolved, gpus=gpus, gpu_mem_gb=gpu_mem, facts=facts, audio=audio,
+                             seen=seen)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=1))
+        return
+    typer.echo(f"preset {result.preset} (engine {result.engine})")
+    if result.estimate is None:
+        typer.echo("  no GPU memory model for this engine (the built-in engine runs on the CPU)")
+    else:
+        typer.echo(f"  on {result.gpus} x {result.gpu_mem_gb:g} GB:")
+        for line in result.estimate.lines():
+            typer.echo(f"  {line}")
+    if seen:
+        peak = seen.get("peak_gpu_gb")
+        typer.echo(f"  seen on {seen['gpu']} in {seen['jobs']} earlier job(s): "
+                   f"{seen['fps']} frames/s" + (f", peak {peak} GB per GPU" if peak else ""))
+    if audio is not None:
+        typer.echo(f"  {audio}: {result.duration_s:.1f} s -> {result.frames} frames in "
+                   f"{len(result.batches)} batch(es)")
+        for b in result.batches:
+            typer.echo(f"    batch {b['index']:4d}: frames {b['frame_start']}-{b['frame_end'] - 1}"
+                       f", {b['clips']} clip(s)")
+        if result.est_seconds is not None:
+            typer.echo(f"  estimated time: {result.est_seconds / 60:.1f} min at "
+                       f"{seen['fps']} frames/s")
+    if result.estimate is not None and not result.estimate.fits:
+        raise typer.Exit(1)
 
 
 @presets_app.callback()

@@ -113,6 +113,10 @@ class Preset:
     cooldown_s: float = knob(0.0, bounds=(0.0, 3600.0), help="seconds between batches")
     # Seed for everything random in the engine.
     seed: int = knob(420, bounds=(0, 2**31 - 1), help="random seed")
+    # Lighter settings to retry a batch with after a CUDA out-of-memory failure, one rung at
+    # a time, each adding to the ones before: e.g. [{liveavatar.offload_kv_cache: true},
+    # {infer_frames: 24}]. Only the failing batch is retried.
+    oom_retry: list[dict[str, Any]] = knob([], help="out-of-memory retry ladder")
     builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
     liveavatar: LiveAvatarOptions = field(default_factory=LiveAvatarOptions)
     command: CommandOptions = field(default_factory=CommandOptions)
@@ -129,6 +133,9 @@ SECTIONS: dict[str, type] = {
 
 # Keys whose change does not change a single rendered pixel: a job survives them.
 NON_RENDERING_KEYS = frozenset({"description", "cooldown_s"})
+# Keys a retry rung may change: per-launch settings, never the plan or the output's identity.
+RUNG_FORBIDDEN_KEYS = frozenset({"engine", "fps", "seed", "clips_per_batch", "oom_retry",
+                                 "description", "cooldown_s"})
 
 # Upstream LiveAvatar facts the presets are checked against (see liveavatar-contract.md).
 LIVEAVATAR_SIZES = ("720*1280", "1280*720", "480*832", "832*480", "704*1280", "1280*704",

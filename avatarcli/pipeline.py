@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from avatarcli import analysis, engines, media, portrait
+from avatarcli import analysis, engines, history, media, portrait
 from avatarcli.assemble import assemble
 from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, InputError
@@ -27,6 +27,7 @@ from avatarcli.options import NON_RENDERING_KEYS, Preset
 from avatarcli.plan import Plan, make_plan
 from avatarcli.presets import ResolvedPreset, parse_size
 from avatarcli.runner import BatchResult, Hooks, Runner
+from avatarcli.telemetry import Telemetry, aggregate
 from avatarcli.verify import is_whole
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class BatchView:
     clips: int
     state: str
     command: str | None = None
+    rung: int = 0  # out-of-memory retry rung that rendered it (0: the preset as given)
+    telemetry: dict[str, Any] = field(default_factory=dict)  # wall, fps, peak RSS/GPU
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Result:
     seconds: float = 0.0
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
+    telemetry: dict[str, Any] = field(default_factory=dict)  # the job's batches together
 
     def summary(self) -> dict[str, Any]:
         """The machine-readable summary printed by `--json`."""
@@ -94,6 +98,7 @@ class Result:
             "batches": len(self.batches), "batches_rendered": self.rendered,
             "batches_reused": self.reused, "seconds": round(self.seconds, 2),
             "dry_run": self.dry_run, "warnings": self.warnings,
+            "telemetry": self.telemetry,
             "plan": [vars(b) for b in self.batches],
         }
 
@@ -268,7 +273,7 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
     with events.progress(plan.frames, done_frames) as bar:
         hooks = _manifest_hooks(job, manifest, bar)
         runner = Runner(job.path, job.log, slots=slots, cooldown_s=preset.cooldown_s,
-                        hooks=hooks)
+                        oom_rungs=len(preset.oom_retry), hooks=hooks)
         try:
             runner.run(pending)
         finally:
@@ -285,6 +290,8 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
     manifest["finished"] = now()
     job.save(manifest)
     result.batches = _views(plan, engine, inputs, job, manifest, slots)
+    result.telemetry = aggregate(p.get("telemetry") for p in parts)
+    history.record(preset, result.telemetry)
 
 
 def _key(digests: dict[str, Any], preset: Preset, face: tuple[int, int, int, int] | None) -> str:
@@ -365,8 +372,15 @@ def _new_job(job: JobDir, key: str, digests: dict[str, Any], resolved: ResolvedP
     return manifest
 
 
+def _with_frames(telemetry: dict[str, Any], frames: int) -> dict[str, Any]:
+    t = Telemetry.from_dict(telemetry)
+    t.frames = frames
+    return t.to_dict()
+
+
 def _manifest_hooks(job: JobDir, manifest: dict[str, Any], bar: Any) -> Hooks:
     parts = manifest["parts"]
+    frames = [b["frame_end"] - b["frame_start"] for b in manifest["plan"]["batches"]]
 
     def started(index: int, pid: int) -> None:
         parts[index].update(state="running", pid=pid, started=now(),
@@ -374,13 +388,14 @@ def _manifest_hooks(job: JobDir, manifest: dict[str, Any], bar: Any) -> Hooks:
         job.save(manifest)
 
     def finished(r: BatchResult) -> None:
-        parts[r.index].update(state="done", pid=None, finished=now(),
-                              seconds=round(r.seconds, 3), error=None, failure=None)
+        parts[r.index].update(state="done", pid=None, finished=now(), rung=r.rung,
+                              seconds=round(r.seconds, 3), error=None, failure=None,
+                              telemetry=_with_frames(r.telemetry, frames[r.index]))
         job.save(manifest)
 
-    def failed(index: int, kind: str, message: str) -> None:
+    def failed(index: int, kind: str, message: str, telemetry: dict[str, Any]) -> None:
         parts[index].update(state="failed", pid=None, finished=now(), failure=kind,
-                            error=message.splitlines()[0])
+                            error=message.splitlines()[0], telemetry=telemetry)
         job.save(manifest)
 
     return Hooks(started=started, progress=lambda index, n: bar.update(n), finished=finished,
@@ -398,5 +413,6 @@ def _views(plan: Plan, engine: Engine, inputs: JobInputs, job: JobDir,
                         env=slots[b.index % len(slots)])
         views.append(BatchView(b.index, b.frame_start, b.frame_end, b.start_s(plan.fps),
                                b.end_s(plan.fps), b.clips, parts[b.index]["state"],
-                               engine.describe(task)))
+                               engine.describe(task), parts[b.index].get("rung") or 0,
+                               parts[b.index].get("telemetry") or {}))
     return views

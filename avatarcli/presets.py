@@ -17,7 +17,13 @@ from typing import Any
 import yaml
 
 from avatarcli.errors import InputError
-from avatarcli.options import LIVEAVATAR_MAX_STEPS, LIVEAVATAR_SIZES, SECTIONS, Preset
+from avatarcli.options import (
+    LIVEAVATAR_MAX_STEPS,
+    LIVEAVATAR_SIZES,
+    RUNG_FORBIDDEN_KEYS,
+    SECTIONS,
+    Preset,
+)
 
 DEFAULT_PRESET = "cpu-preview"
 ENV_DIR = "AVATARCLI_PRESETS_DIR"
@@ -196,7 +202,32 @@ def build(data: dict[str, Any], where: str = "preset") -> Preset:
         kwargs[section] = cls(**_check_fields(cls, raw, prefix=f"{section}.", where=where))
     preset = Preset(**kwargs)
     _check_rules(preset, where)
+    for k in range(1, len(preset.oom_retry) + 1):
+        _check_rung(data, preset.oom_retry, k, where)
     return preset
+
+
+def rung_values(data: dict[str, Any], rungs: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """The raw preset mapping with retry rungs 1..k applied (each adds to the ones before)."""
+    out = data
+    for rung in rungs[:k]:
+        nested: dict[str, Any] = {}
+        for key, value in rung.items():
+            section, dot, name = str(key).partition(".")
+            if dot:
+                nested.setdefault(section, {})[name] = value
+            else:
+                nested[section] = value
+        out = _merge(out, nested)
+    return out
+
+
+def _check_rung(data: dict[str, Any], rungs: list[dict[str, Any]], k: int, where: str) -> None:
+    for key in rungs[k - 1]:
+        if str(key).partition(".")[0] in RUNG_FORBIDDEN_KEYS:
+            raise InputError(f"{where}: oom_retry rung {k} may not change '{key}' (it would "
+                             f"change the plan or the video's identity)")
+    build({**rung_values(data, rungs, k), "oom_retry": []}, f"{where}, oom_retry rung {k}")
 
 
 def _check_fields(cls: type, data: dict[str, Any], *, prefix: str, where: str) -> dict[str, Any]:
@@ -232,6 +263,10 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any, where: str) -> Any:
         if isinstance(value, dict | list) or value is None:
             raise InputError(f"{bad} a string, got {value!r}")
         value = str(value)
+    elif origin is list and typing.get_args(hint)[0] is not str:  # the retry ladder
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise InputError(f"{bad} a list of mappings (one per rung), got {value!r}")
+        value = [dict(v) for v in value]
     elif origin is list:
         if not isinstance(value, list) or any(isinstance(v, dict | list) for v in value):
             raise InputError(f"{bad} a list of strings, got {value!r}")

@@ -31,6 +31,13 @@ class Outcome:
     def out_of_memory(self) -> bool:
         return any(marker in self.tail for marker in OOM_MARKERS)
 
+    @property
+    def oom_line(self) -> str:
+        """The last line that reports the out-of-memory failure (what was asked, what was free)."""
+        lines = [ln.strip() for ln in self.tail.splitlines()
+                 if any(marker in ln for marker in OOM_MARKERS)]
+        return max(lines[-3:], key=len, default="")
+
 
 def executable(name: str, cwd: str | Path | None = None) -> bool:
     """Whether `name` can be run: on PATH, or a path (relative to `cwd`) to an executable."""

@@ -20,8 +20,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from avatarcli.errors import EngineError, OutOfMemoryError
+from avatarcli.telemetry import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ class BatchResult:
     index: int
     seconds: float
     returncode: int
+    rung: int = 0  # the out-of-memory retry rung that rendered it (0: the preset itself)
+    telemetry: dict[str, Any] = field(default_factory=dict)  # Telemetry.to_dict(), frames unset
 
 
 @dataclass
@@ -43,7 +47,8 @@ class Hooks:
     started: Callable[[int, int], None] = lambda index, pid: None
     progress: Callable[[int, int], None] = lambda index, frames_delta: None
     finished: Callable[[BatchResult], None] = lambda result: None
-    failed: Callable[[int, str, str], None] = lambda index, kind, message: None
+    failed: Callable[[int, str, str, dict[str, Any]], None] = (
+        lambda index, kind, message, telemetry: None)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -79,9 +84,10 @@ class Runner:
 
     def __init__(self, job_dir: Path, log_path: Callable[[int], Path], *,
                  slots: Sequence[dict[str, str]], cooldown_s: float = 0.0,
-                 hooks: Hooks | None = None) -> None:
+                 oom_rungs: int = 0, hooks: Hooks | None = None) -> None:
         assert slots, "at least one slot"
         self.job_dir = job_dir
+        self.oom_rungs = oom_rungs
         self.log_path = log_path
         self.slots = list(slots)
         self.cooldown_s = cooldown_s
@@ -133,16 +139,25 @@ class Runner:
             return
         slot = free.get()
         try:
-            self._wait_cooldown()
-            if self._cancel.is_set():
-                return
-            self._launch(index, slot)
+            for rung in range(self.oom_rungs + 1):
+                self._wait_cooldown()
+                if self._cancel.is_set():
+                    return
+                try:
+                    self._launch(index, slot, rung)
+                    return
+                except OutOfMemoryError:
+                    if rung == self.oom_rungs:
+                        raise
+                    log.warning("batch %d ran out of memory; retrying it with rung %d of the "
+                                "preset's oom_retry ladder", index, rung + 1)
         finally:
             free.put(slot)
 
-    def _launch(self, index: int, slot: dict[str, str]) -> None:
+    def _launch(self, index: int, slot: dict[str, str], rung: int = 0) -> None:
         cmd = worker_command(self.job_dir, index)
-        env = {**os.environ, **slot, "AVATARCLI_SLOT_ENV": json.dumps(slot)}
+        env = {**os.environ, **slot, "AVATARCLI_SLOT_ENV": json.dumps(slot),
+               "AVATARCLI_RUNG": str(rung)}
         if len(self.slots) > 1:
             # Share the cores between concurrent batches instead of oversubscribing them.
             env.setdefault("AVATARCLI_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.slots))))
@@ -155,6 +170,8 @@ class Runner:
                                     stderr=logf, env=env, start_new_session=True)
         with self._procs_lock:
             self._procs[index] = proc
+        gpu_ids = [g for g in slot.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+        sampler = Sampler(proc.pid, gpu_ids).start()  # RSS of the whole tree, GPU memory
         with self.hooks.lock:
             self.hooks.started(index, proc.pid)
         try:
@@ -162,21 +179,31 @@ class Runner:
             rc = proc.wait()
         finally:
             _kill_group(proc)
+            telemetry = sampler.stop().to_dict()
             with self._procs_lock:
                 self._procs.pop(index, None)
         seconds = time.monotonic() - started
         if rc == 0:
             with self.hooks.lock:
-                self.hooks.finished(BatchResult(index, seconds, rc))
+                self.hooks.finished(BatchResult(index, seconds, rc, rung, telemetry))
             return
         if self._cancel.is_set():
             return  # stopped on purpose; the caller reports why
         kind = "oom" if rc == EXIT_OOM else "crash"
         reason = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
-        tail = "\n".join(f"  | {line}" for line in _tail(log_path).splitlines())
+        if kind == "oom":
+            reason = (f"out of memory at rung {rung} of {self.oom_rungs}" if self.oom_rungs
+                      else "out of memory")
+        lines = _tail(log_path).splitlines()
+        tail = "\n".join(f"  | {line}" for line in lines)
         message = f"batch {index} failed ({reason}); last lines of {log_path}:\n{tail}"
+        if kind == "oom":  # the memory facts the failure reported, on the first line
+            seen = [ln for ln in lines if "out of memory" in ln.lower() and "GiB" in ln]
+            if seen:
+                message = (f"batch {index} failed ({reason}): {seen[-1].strip()}; last lines "
+                           f"of {log_path}:\n{tail}")
         with self.hooks.lock:
-            self.hooks.failed(index, kind, message)
+            self.hooks.failed(index, kind, message, telemetry)
         raise (OutOfMemoryError if kind == "oom" else EngineError)(message)
 
     def _pump(self, index: int, proc: subprocess.Popen[bytes]) -> None:

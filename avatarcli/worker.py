@@ -54,7 +54,13 @@ def task_from_manifest(job: JobDir, manifest: dict, index: int,
 def render_part(job_dir: Path, index: int) -> None:
     job = JobDir(job_dir)
     manifest = job.load()
-    preset = presets.build(manifest["preset"]["values"], f"{job.manifest_path} preset")
+    values = manifest["preset"]["values"]
+    rung = int(os.environ.get("AVATARCLI_RUNG", "0"))
+    if rung:  # an out-of-memory retry: the preset's lighter settings, rungs 1..k
+        values = presets.rung_values(values, values["oom_retry"], rung)
+        log.info("batch %d: out-of-memory retry rung %d: %s", index, rung,
+                 values["oom_retry"][rung - 1])
+    preset = presets.build(values, f"{job.manifest_path} preset")
     env = json.loads(os.environ.get("AVATARCLI_SLOT_ENV", "{}"))
     task = task_from_manifest(job, manifest, index, env)
     engine = engines.create(preset)

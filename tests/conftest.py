@@ -29,6 +29,7 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(autouse=True)
 def isolated_presets(tmp_path_factory: pytest.TempPathFactory,
                      monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No test sees the developer's own preset directory."""
+    """No test sees (or writes) the developer's own presets and history."""
     monkeypatch.setenv("AVATARCLI_PRESETS_DIR", str(tmp_path_factory.mktemp("no-user-presets")))
+    monkeypatch.setenv("AVATARCLI_STATE_DIR", str(tmp_path_factory.mktemp("state")))
     yield

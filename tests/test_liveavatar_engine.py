@@ -148,3 +148,38 @@ def test_infer_frames_not_multiple_of_12_warns(media: dict[str, Path], tmp_path:
     run = gen(media, tmp_path / "t.mp4", lora, "--dry-run", "--set", "infer_frames=20")
     assert run.returncode == 0
     assert "not a multiple of 12" in run.stderr
+
+
+def test_oom_is_retried_with_the_ladder_for_that_batch_only(media: dict[str, Path],
+                                                           tmp_path: Path, lora: Path) -> None:
+    record = tmp_path / "record"
+    record.mkdir()
+    out = tmp_path / "t.mp4"
+    # liveavatar-24gb's ladder: rung 1 adds --t5_cpu, rung 2 also 12 frames per clip.
+    run = gen(media, out, lora, record=record,
+              env={"LIVEAVATAR_STANDIN_OOM_UNTIL": "2",
+                   "LIVEAVATAR_STANDIN_COUNTER": str(tmp_path / "launches")})
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert [b["rung"] for b in summary["plan"]] == [2]
+    assert "retrying it with rung 1" in run.stderr and "retrying it with rung 2" in run.stderr
+    runs = sorted(launches(record), key=lambda r: r["start"])
+    assert len(runs) == 3
+    assert "--t5_cpu" not in runs[0]["argv"] and "--t5_cpu" in runs[1]["argv"]
+    assert arg(runs[2]["argv"], "--infer_frames") == "12" and "--t5_cpu" in runs[2]["argv"]
+    # Another clip length mid-video still gives the planned frames, size and sync.
+    assert m.video_frames(out) == 150
+    assert abs(m.audio_seconds(out) - 6.0) <= 0.04
+
+
+def test_oom_after_the_last_rung_exits_4_with_the_memory_facts(media: dict[str, Path],
+                                                               tmp_path: Path,
+                                                               lora: Path) -> None:
+    out = tmp_path / "t.mp4"
+    run = gen(media, out, lora, env={"LIVEAVATAR_STANDIN_OOM_UNTIL": "99",
+                                     "LIVEAVATAR_STANDIN_COUNTER": str(tmp_path / "launches")})
+    assert run.returncode == 4, run.stderr
+    assert "out of memory at rung 2 of 2" in run.stderr
+    assert "Tried to allocate" in run.stderr  # what the GPU reported
+    part = json.loads((tmp_path / "t.mp4.parts" / "manifest.json").read_text())["parts"][0]
+    assert part["failure"] == "oom" and part["attempts"] == 3

@@ -41,7 +41,7 @@ def test_user_preset_wins_and_may_extend_the_builtin(user_presets: Path) -> None
     (user_presets / "cpu-preview.yaml").write_text("extends: cpu-preview\nseed: 7\n")
     resolved = presets.resolve("cpu-preview")
     assert resolved.preset.seed == 7
-    assert resolved.preset.builtin.x264_preset == "veryfast"  # inherited from the built-in
+    assert resolved.preset.builtin.x264_preset == "ultrafast"  # inherited from the built-in
     assert resolved.origin.endswith("cpu-preview.yaml")
     rows = {r["name"]: r for r in map(presets.describe, presets.available().values())}
     assert rows["cpu-preview"]["origin"].endswith("cpu-preview.yaml")

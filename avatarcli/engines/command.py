@@ -114,7 +114,8 @@ class CommandEngine(Engine):
         if outcome.returncode != 0:
             if outcome.out_of_memory:
                 raise OutOfMemoryError(f"batch {b.index}: out of memory "
-                                       f"(exit {outcome.returncode})")
+                                       f"(exit {outcome.returncode}): "
+                                       f"{outcome.oom_line}")
             raise EngineError(f"batch {b.index}: {cmd[0]} exited with {outcome.returncode}")
         produced = self._find_output(out, outdir)
         self._check_length(produced, b.frames, inp.fps, b.index)

@@ -200,7 +200,8 @@ class LiveAvatarEngine(Engine):
         if outcome.returncode != 0:
             if outcome.out_of_memory:
                 raise OutOfMemoryError(f"batch {b.index}: CUDA out of memory "
-                                       f"(exit {outcome.returncode})")
+                                       f"(exit {outcome.returncode}): "
+                                       f"{outcome.oom_line}")
             raise EngineError(f"batch {b.index}: LiveAvatar exited with {outcome.returncode}")
         if not raw.is_file() or raw.stat().st_size == 0:
             raise EngineError(f"batch {b.index}: LiveAvatar exited 0 but wrote no video "

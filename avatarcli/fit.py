@@ -1,0 +1,107 @@
+"""Will a preset fit these GPUs? `avatar plan` and `--preset auto` from the memory model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avatarcli import analysis, memory, presets
+from avatarcli.errors import InputError
+from avatarcli.gpus import GpuFact, fp8_capable
+from avatarcli.plan import make_plan
+
+CPU_PRESET = presets.DEFAULT_PRESET
+
+
+@dataclass
+class MemoryPlan:
+    preset: str
+    engine: str
+    gpus: int
+    gpu_mem_gb: float
+    estimate: memory.Estimate | None  # None for engines with no GPU model
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    frames: int = 0
+    duration_s: float = 0.0
+    seen: dict[str, Any] = field(default_factory=dict)  # measured on this GPU model before
+    est_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        est = self.estimate
+        return {
+            "preset": self.preset, "engine": self.engine, "gpus": self.gpus,
+            "gpu_mem_gb": self.gpu_mem_gb,
+            "per_gpu_peak_gb": round(est.per_gpu_peak_gb, 2) if est else None,
+            "usable_gb": round(est.usable_gb, 2) if est else None,
+            "fits": est.fits if est else True,
+            "headroom_gb": round(est.headroom_gb, 2) if est else None,
+            "components": {k: round(v, 2) for k, v in est.components.items()} if est else {},
+            "peak_phase": est.peak_phase if est else None,
+            "notes": est.notes if est else [],
+            "frames": self.frames, "duration_s": round(self.duration_s, 3),
+            "batches": self.batches, "seen": self.seen, "est_seconds": self.est_seconds,
+        }
+
+
+def memory_plan(resolved: presets.ResolvedPreset, *, gpus: int | None, gpu_mem_gb: float | None,
+                facts: list[GpuFact], audio: Path | None = None,
+                seen: dict[str, Any] | None = None) -> MemoryPlan:
+    """The per-GPU memory estimate of a preset, and with AUDIO the batch plan."""
+    p = resolved.preset
+    count = gpus or (p.liveavatar.gpus_per_run if p.engine == "liveavatar" else len(facts))
+    mem = gpu_mem_gb if gpu_mem_gb is not None else smallest_card_gb(facts)
+    est = None
+    if p.engine == "liveavatar":
+        if mem is None:
+            raise InputError("no GPU visible: give the card size with --gpu-mem GB")
+        if count not in (1, 5):
+            raise InputError(f"--gpus {count}: LiveAvatar runs on 1 GPU or on 5 (4 DiT + 1 VAE); "
+                             f"with 2-4 GPUs use a 1-GPU preset, one batch per GPU")
+        est = memory.estimate(p, gpus=count, gpu_mem_gb=mem)
+    result = MemoryPlan(resolved.name, p.engine, count, mem or 0.0, est, seen=seen or {})
+    if audio is not None:
+        feats = analysis.analyse(audio, p.fps)
+        if feats.frames == 0:
+            raise InputError(f"{audio}: audio has zero length")
+        w, h = presets.parse_size(p.size)
+        plan = make_plan(feats.frames, fps=p.fps, width=w, height=h,
+                         infer_frames=p.infer_frames, clips_per_batch=p.clips_per_batch,
+                         loudness_db=feats.db)
+        result.frames, result.duration_s = plan.frames, feats.duration_s
+        result.batches = [{"index": b.index, "frame_start": b.frame_start,
+                           "frame_end": b.frame_end, "clips": b.clips} for b in plan.batches]
+        fps = (seen or {}).get("fps")
+        if fps:
+            result.est_seconds = round(plan.frames / fps, 1)
+    return result
+
+
+def smallest_card_gb(facts: list[GpuFact]) -> float | None:
+    sizes = [f.total_gb for f in facts if f.total_gb]
+    return min(sizes) if sizes else None
+
+
+def auto_preset(facts: list[GpuFact]) -> tuple[str, str]:
+    """(name, why) of the best-quality built-in preset whose estimate fits the visible GPUs."""
+    mem = smallest_card_gb(facts)
+    if not facts or mem is None:
+        return CPU_PRESET, "no GPU visible: the built-in CPU engine"
+    fp8_ok = all(f.compute_capability is not None and fp8_capable(f.compute_capability)
+                 for f in facts)
+    candidates = {}
+    for name, info in presets.available().items():
+        if info.origin != "built-in":
+            continue
+        p = presets.resolve(name).preset
+        if p.engine == "liveavatar" and (fp8_ok or not p.liveavatar.fp8):
+            candidates[name] = p
+    found = memory.best_fit(candidates, gpus=len(facts), gpu_mem_gb=mem)
+    where = f"{len(facts)} x {facts[0].name} ({mem:.0f} GB)"
+    if found is None:
+        return CPU_PRESET, (f"no LiveAvatar preset's estimate fits {where}"
+                            f"{'' if fp8_ok else ', fp8 needs compute capability 8.9+'}: "
+                            f"the built-in CPU engine")
+    name, est = found
+    return name, (f"best-quality built-in preset that fits {where}: peak "
+                  f"{est.per_gpu_peak_gb:.1f} GB of {est.usable_gb:.1f} GB usable per GPU")
