@@ -6,7 +6,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -30,6 +29,7 @@ presets_app = typer.Typer(help="List and show presets.", invoke_without_command=
 app.add_typer(presets_app, name="presets")
 
 log = logging.getLogger("avatarcli")
+EXIT_INTERNAL = 70  # EX_SOFTWARE: an error avatarcli did not expect
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -55,6 +55,13 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             _err("error: interrupted (SIGINT); rerun the same command to resume")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # a bug: one line for cron, the traceback for the log file
+            log.debug("internal error", exc_info=True)
+            _err(f"error: internal error: {type(exc).__name__}: {exc} (a bug; rerun with -v "
+                 f"or --log-file for the traceback)")
+            raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -199,8 +206,10 @@ def _show_bar(quiet: bool) -> bool:
 @app.command("gen")
 @handle_errors
 def gen(
-    audio: Annotated[Path, typer.Argument(help="Speech recording (any format ffmpeg reads).")],
-    image: Annotated[Path, typer.Argument(help="Portrait (any image Pillow or OpenCV reads).")],
+    audio: Annotated[Path, typer.Argument(metavar="AUDIO",
+                                          help="Speech recording (any format ffmpeg reads).")],
+    image: Annotated[Path, typer.Argument(metavar="IMAGE",
+                                          help="Portrait (any image Pillow or OpenCV reads).")],
     output: Annotated[Path | None, typer.Option("-o", "--output",
                                                 help="Output MP4 [default: AUDIO with .mp4].")] = None,
     preset: PresetOpt = None,
@@ -251,7 +260,8 @@ def gen(
 @app.command("batch")
 @handle_errors
 def batch_cmd(
-    manifest: Annotated[Path, typer.Argument(help="CSV or YAML: audio,image[,output,preset,prompt,set] per row.")],
+    manifest: Annotated[Path, typer.Argument(metavar="MANIFEST",
+                                             help="CSV or YAML: audio,image[,output,preset,prompt,set] per row.")],
     preset: PresetOpt = None,
     set_: SetOpt = None,
     redo: Annotated[bool, typer.Option("--redo", help="Render rows whose output is already current.")] = False,
@@ -328,7 +338,8 @@ def doctor_cmd(
 @app.command("plan")
 @handle_errors
 def plan_cmd(
-    audio: Annotated[Path | None, typer.Argument(help="Optional recording: also plan its batches.")] = None,
+    audio: Annotated[Path | None, typer.Argument(metavar="[AUDIO]",
+                                                 help="Optional recording: also plan its batches.")] = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
     gpus: Annotated[int | None, typer.Option("--gpus", min=1, max=64,
@@ -393,7 +404,7 @@ def presets_list(ctx: typer.Context) -> None:
 @presets_app.command("show")
 @handle_errors
 def presets_show(
-    name: Annotated[str, typer.Argument(help="Preset name or YAML file.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Preset name or YAML file.")],
     set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                    help="Override a key, as in gen.")] = None,
 ) -> None:
@@ -415,8 +426,6 @@ def root(
                                           help="Show the version and exit.")] = False,
 ) -> None:
     """Speech recording + one portrait -> a verified talking-avatar video."""
-    if os.environ.get("NO_COLOR"):
-        os.environ.setdefault("TERM", "dumb")
 
 
 def main() -> None:

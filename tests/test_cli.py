@@ -141,3 +141,18 @@ def test_unwritable_output_folder(media: dict[str, Path], tmp_path: Path,
     assert result.exit_code == 2 and "x.mp4: output folder" in result.output
     assert "not writable" in result.output
     assert list(folder.iterdir()) == []
+
+
+def test_an_unexpected_error_is_one_line_and_exit_70(media: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import avatarcli.cli as cli
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(cli, "generate", broken)
+    result = runner.invoke(app, ["gen", str(media["speech6"]), str(media["portrait"]),
+                                 "-o", str(tmp_path / "x.mp4")])
+    assert result.exit_code == 70
+    assert "internal error: RuntimeError: simulated bug" in result.output
+    assert "Traceback" not in result.output

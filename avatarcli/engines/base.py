@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from avatarcli import procs
+from avatarcli.errors import EngineError, OutOfMemoryError
 from avatarcli.options import Preset
 from avatarcli.plan import Batch
 
@@ -39,6 +42,17 @@ class PartTask:
 
 
 Progress = Callable[[int], None]  # frames of this part rendered so far
+
+
+def run_model(cmd: list[str], *, cwd: Path | None, env: dict[str, str], label: str) -> None:
+    """Run a model's command (output to the batch log); raise on failure, telling OOM apart."""
+    outcome = procs.run_logged(cmd, cwd=cwd, env={**os.environ, **env})
+    if outcome.returncode == 0:
+        return
+    if outcome.out_of_memory:
+        raise OutOfMemoryError(f"{label}: out of memory (exit {outcome.returncode}): "
+                               f"{outcome.oom_line}")
+    raise EngineError(f"{label} exited with {outcome.returncode}")
 
 
 class Engine(ABC):

@@ -7,15 +7,14 @@ audio slice; its video is verified and normalised to the plan like any engine's 
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 import string
 from pathlib import Path
 from typing import Any
 
 from avatarcli import media, procs
-from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress
-from avatarcli.errors import EngineError, OutOfMemoryError
+from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress, run_model
+from avatarcli.errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +109,7 @@ class CommandEngine(Engine):
         cmd, env = self.command(task)
         cwd = Path(self.preset.command.cwd).expanduser() if self.preset.command.cwd else None
         log.info("launch: %s", self.describe(task))
-        outcome = procs.run_logged(cmd, cwd=cwd, env={**os.environ, **env})
-        if outcome.returncode != 0:
-            if outcome.out_of_memory:
-                raise OutOfMemoryError(f"batch {b.index}: out of memory "
-                                       f"(exit {outcome.returncode}): "
-                                       f"{outcome.oom_line}")
-            raise EngineError(f"batch {b.index}: {cmd[0]} exited with {outcome.returncode}")
+        run_model(cmd, cwd=cwd, env=env, label=f"batch {b.index}: {cmd[0]}")
         produced = self._find_output(out, outdir)
         self._check_length(produced, b.frames, inp.fps, b.index)
         progress(b.frames - 1)

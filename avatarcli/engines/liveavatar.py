@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from avatarcli import media, procs
-from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress
-from avatarcli.errors import EngineError, InputError, OutOfMemoryError
+from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress, run_model
+from avatarcli.errors import EngineError, InputError
 from avatarcli.gpus import visible as visible_gpus
 from avatarcli.options import LiveAvatarOptions, Preset
 
@@ -196,13 +196,7 @@ class LiveAvatarEngine(Engine):
                           duration_s=clips * p.infer_frames / inp.fps)
         cmd, env = self.command(task)
         log.info("launch: cd %s && %s", shlex.quote(str(self.repo)), shlex.join(cmd))
-        outcome = procs.run_logged(cmd, cwd=self.repo, env={**os.environ, **env})
-        if outcome.returncode != 0:
-            if outcome.out_of_memory:
-                raise OutOfMemoryError(f"batch {b.index}: CUDA out of memory "
-                                       f"(exit {outcome.returncode}): "
-                                       f"{outcome.oom_line}")
-            raise EngineError(f"batch {b.index}: LiveAvatar exited with {outcome.returncode}")
+        run_model(cmd, cwd=self.repo, env=env, label=f"batch {b.index}: LiveAvatar")
         if not raw.is_file() or raw.stat().st_size == 0:
             raise EngineError(f"batch {b.index}: LiveAvatar exited 0 but wrote no video "
                               f"({raw}); it only logs save errors")
