@@ -16,11 +16,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from avatarcli.errors import EngineError, OutOfMemoryError
 from avatarcli.telemetry import Sampler
@@ -79,21 +79,93 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
         proc.wait()
 
 
+class BatchHandle(Protocol):
+    """One running batch process, wherever it runs."""
+
+    pid: int | None  # for the manifest and for humans; None where there is no local pid
+
+    def lines(self) -> Iterator[str]:
+        """The batch process's stdout lines (`progress N`), until it ends."""
+        ...
+
+    def wait(self) -> int:
+        """Its exit code (negative: killed by that signal)."""
+        ...
+
+    def stop(self) -> None:
+        """Stop it and everything it started; harmless when it has ended."""
+        ...
+
+    def telemetry(self) -> dict[str, Any]:
+        """Telemetry.to_dict() of the batch (frames unset); call after stop()."""
+        ...
+
+
+class Executor(Protocol):
+    """Where batch processes run. Nothing above the runner knows which one it is."""
+
+    def start(self, cmd: list[str], env: dict[str, str], log_path: Path,
+              gpu_ids: list[str]) -> BatchHandle:
+        """Start `cmd` (a worker command) with `env` added, its stderr to `log_path`."""
+        ...
+
+
+class LocalHandle:
+    def __init__(self, proc: subprocess.Popen[bytes], sampler: Sampler) -> None:
+        self.proc = proc
+        self.pid: int | None = proc.pid
+        self._sampler = sampler
+        self._telemetry: dict[str, Any] = {}
+
+    def lines(self) -> Iterator[str]:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            yield raw.decode("utf-8", "replace").strip()
+
+    def wait(self) -> int:
+        return self.proc.wait()
+
+    def stop(self) -> None:
+        _kill_group(self.proc)
+        if not self._telemetry:
+            self._telemetry = self._sampler.stop().to_dict()
+
+    def telemetry(self) -> dict[str, Any]:
+        return self._telemetry
+
+
+class LocalExecutor:
+    """Batch processes on this machine, each in its own session (process group)."""
+
+    def start(self, cmd: list[str], env: dict[str, str], log_path: Path,
+              gpu_ids: list[str]) -> LocalHandle:
+        with open(log_path, "ab") as logf:
+            logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
+            logf.flush()
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=logf, env={**os.environ, **env},
+                                    start_new_session=True)
+        # Peak RSS of the whole tree and GPU memory of its devices, sampled while it runs.
+        return LocalHandle(proc, Sampler(proc.pid, gpu_ids).start())
+
+
 class Runner:
     """Runs `indices` of a job; `slots` gives each concurrent process its environment."""
 
     def __init__(self, job_dir: Path, log_path: Callable[[int], Path], *,
                  slots: Sequence[dict[str, str]], cooldown_s: float = 0.0,
-                 oom_rungs: int = 0, hooks: Hooks | None = None) -> None:
+                 oom_rungs: int = 0, hooks: Hooks | None = None,
+                 executor: Executor | None = None) -> None:
         assert slots, "at least one slot"
         self.job_dir = job_dir
+        self.executor: Executor = executor or LocalExecutor()
         self.oom_rungs = oom_rungs
         self.log_path = log_path
         self.slots = list(slots)
         self.cooldown_s = cooldown_s
         self.hooks = hooks or Hooks()
         self._cancel = threading.Event()
-        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._procs: dict[int, BatchHandle] = {}
         self._procs_lock = threading.Lock()
         self._launch_lock = threading.Lock()
         self._last_launch = 0.0
@@ -122,9 +194,9 @@ class Runner:
         """Stop launching, and stop every running batch process group."""
         self._cancel.set()
         with self._procs_lock:
-            procs = list(self._procs.values())
-        for proc in procs:
-            _kill_group(proc)
+            handles = list(self._procs.values())
+        for handle in handles:
+            handle.stop()
 
     def _wait_cooldown(self) -> None:
         with self._launch_lock:
@@ -156,32 +228,27 @@ class Runner:
 
     def _launch(self, index: int, slot: dict[str, str], rung: int = 0) -> None:
         cmd = worker_command(self.job_dir, index)
-        env = {**os.environ, **slot, "AVATARCLI_SLOT_ENV": json.dumps(slot),
-               "AVATARCLI_RUNG": str(rung)}
+        env = {**slot, "AVATARCLI_SLOT_ENV": json.dumps(slot), "AVATARCLI_RUNG": str(rung)}
         if len(self.slots) > 1:
             # Share the cores between concurrent batches instead of oversubscribing them.
-            env.setdefault("AVATARCLI_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.slots))))
+            env["AVATARCLI_THREADS"] = os.environ.get(
+                "AVATARCLI_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.slots))))
         log_path = self.log_path(index)
-        started = time.monotonic()
-        with open(log_path, "ab") as logf:
-            logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
-            logf.flush()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=logf, env=env, start_new_session=True)
-        with self._procs_lock:
-            self._procs[index] = proc
         gpu_ids = [g for g in slot.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
-        sampler = Sampler(proc.pid, gpu_ids).start()  # RSS of the whole tree, GPU memory
+        started = time.monotonic()
+        handle = self.executor.start(cmd, env, log_path, gpu_ids)
+        with self._procs_lock:
+            self._procs[index] = handle
         with self.hooks.lock:
-            self.hooks.started(index, proc.pid)
+            self.hooks.started(index, handle.pid or 0)
         try:
-            self._pump(index, proc)
-            rc = proc.wait()
+            self._pump(index, handle)
+            rc = handle.wait()
         finally:
-            _kill_group(proc)
-            telemetry = sampler.stop().to_dict()
+            handle.stop()
             with self._procs_lock:
                 self._procs.pop(index, None)
+        telemetry = handle.telemetry()
         seconds = time.monotonic() - started
         if rc == 0:
             with self.hooks.lock:
@@ -206,12 +273,10 @@ class Runner:
             self.hooks.failed(index, kind, message, telemetry)
         raise (OutOfMemoryError if kind == "oom" else EngineError)(message)
 
-    def _pump(self, index: int, proc: subprocess.Popen[bytes]) -> None:
+    def _pump(self, index: int, handle: BatchHandle) -> None:
         """Read `progress N` lines from the batch process and report the deltas."""
-        assert proc.stdout is not None
         last = 0
-        for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").strip()
+        for line in handle.lines():
             if line.startswith("progress "):
                 try:
                     done = int(line.split()[1])
