@@ -11,6 +11,12 @@ from avatarcli import ffmpeg, media
 from avatarcli.verify import VerifyError, check_video
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _concat_line(path: Path) -> str:
     # The concat demuxer's quoting: single quotes, with ' written as '\''.
     return "file '" + str(path.resolve()).replace("'", "'\\''") + "'\n"
@@ -37,6 +43,7 @@ def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, fr
             "-movflags", "+faststart", "-f", "mp4", str(tmp),
         ])
         verify_output(tmp, audio_s=audio_s, frames=frames, width=width, height=height, fps=fps)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600; an output is a normal file
         os.replace(tmp, output)
     finally:
         with contextlib.suppress(OSError):

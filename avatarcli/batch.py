@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import difflib
 import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import yaml
 from avatarcli import presets
 from avatarcli.errors import AvatarError, BusyError, InputError
 from avatarcli.pipeline import Events, default_output, generate, output_is_current
+from avatarcli.runner import Executor, cancel_all
 
 COLUMNS = ("audio", "image", "output", "preset", "prompt", "set")
 
@@ -177,23 +180,40 @@ def _check(row: Row, preset: str | None, overrides: list[str],
 def run_batch(rows: list[Row], *, redo: bool = False, jobs: int = 1, gpus: str | None = None,
               keep_parts: bool = False, events: Events | None = None,
               row_events: Callable[[Row], Events] | None = None,
-              on_result: Callable[[RowResult], None] | None = None) -> list[RowResult]:
-    """Render each valid row; record failures and go on. Interruptions stop the batch."""
+              on_result: Callable[[RowResult], None] | None = None,
+              executor: Executor | None = None, rows_at_once: int = 1) -> list[RowResult]:
+    """Render each valid row; record failures and go on. Interruptions stop the batch.
+
+    `rows_at_once` > 1 renders several rows at the same time (on a cluster executor); results
+    keep the manifest's order.
+    """
     events = events or Events()
-    results = []
-    for row in rows:
+    lock = threading.Lock()
+
+    def one(row: Row) -> RowResult:
         started = time.monotonic()
         result = _one(row, redo=redo, jobs=jobs, gpus=gpus, keep_parts=keep_parts,
-                      events=row_events(row) if row_events else events)
+                      events=row_events(row) if row_events else events, executor=executor)
         result.seconds = round(time.monotonic() - started, 2)
-        results.append(result)
         if on_result is not None:
-            on_result(result)
-    return results
+            with lock:
+                on_result(result)
+        return result
+
+    if rows_at_once <= 1:
+        return [one(row) for row in rows]
+    pool = ThreadPoolExecutor(max_workers=rows_at_once, thread_name_prefix="row")
+    try:
+        return list(pool.map(one, rows))
+    except BaseException:  # a signal: stop every row's batches, not only this thread's
+        cancel_all()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
-         events: Events) -> RowResult:
+         events: Events, executor: Executor | None) -> RowResult:
     out = str(row.output)
     if row.problem is not None or row.resolved is None:
         return RowResult(row.where, out, "failed", row.problem or "invalid row", 2)
@@ -204,7 +224,7 @@ def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
                          "settings (use --redo to render it again)", 2)
     try:
         generate(row.audio, row.image, row.resolved, output=row.output, jobs=jobs, gpus=gpus,
-                 force=redo, keep_parts=keep_parts, events=events)
+                 force=redo, keep_parts=keep_parts, events=events, executor=executor)
     except BusyError as exc:
         return RowResult(row.where, out, "busy", str(exc), exc.exit_code)
     except AvatarError as exc:

@@ -17,7 +17,9 @@ import typer
 
 from avatarcli import __version__, presets
 from avatarcli.errors import AvatarError, InputError, Interrupted
+from avatarcli.options import Preset
 from avatarcli.pipeline import Events, Result, generate
+from avatarcli.runner import Executor
 
 app = typer.Typer(
     name="avatar", add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -180,6 +182,24 @@ JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Batch
 GpusOpt = Annotated[str | None, typer.Option("--gpus", metavar="IDS",
                                              help="GPU ids for model engines, e.g. 0,2,3 [default: all visible].")]
 KeepParts = Annotated[bool, typer.Option("--keep-parts", help="Keep the job directory after success.")]
+ExecutorOpt = Annotated[str, typer.Option("--executor", metavar="local|ray",
+                                          help="Where batch processes run: this machine, or a Ray cluster.")]
+RayAddress = Annotated[str, typer.Option("--ray-address", metavar="ADDRESS",
+                                         help="Ray cluster: auto, ray://host:port, or local (an in-process cluster).")]
+
+
+def _executor(kind: str, address: str, preset: Preset, paths: list[Path]) -> Executor | None:
+    """None for local batch processes; a Ray executor whose nodes all see `paths`."""
+    if kind == "local":
+        return None
+    if kind != "ray":
+        raise InputError(f"--executor {kind!r}: expected local or ray")
+    from avatarcli.ray_executor import RayExecutor, check_shared_paths
+
+    executor = RayExecutor.for_preset(preset, address)
+    # Shared storage is the contract: every node must see the inputs, outputs and Python.
+    check_shared_paths([*paths, Path(sys.executable)])
+    return executor
 
 
 def _preset_ref(preset: str | None, gpus: str | None) -> str | None:
@@ -223,6 +243,8 @@ def gen(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; render nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output; discard a mismatching job.")] = False,
     keep_parts: KeepParts = False,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddress = "auto",
     quiet: Quiet = False,
     as_json: AsJson = False,
     log_file: LogFile = None,
@@ -234,9 +256,12 @@ def gen(
     resolved = presets.resolve(_preset_ref(preset, gpus), presets.parse_set(set_ or []),
                                prompt=prompt)
     events = CliEvents(bar=_show_bar(quiet or as_json), quiet=quiet or as_json)
+    out_dir = (output or audio).expanduser().absolute().parent
+    runs_on = None if dry_run else _executor(executor, ray_address, resolved.preset,
+                                             [audio.absolute(), image.absolute(), out_dir])
     result = generate(audio, image, resolved, output=output, jobs=jobs, gpus=gpus,
                       dry_run=dry_run, force=force, keep_parts=keep_parts,
-                      face=_parse_face(face), events=events)
+                      face=_parse_face(face), events=events, executor=runs_on)
     if as_json:
         typer.echo(json.dumps(result.summary(), indent=1))
     elif dry_run:
@@ -244,7 +269,7 @@ def gen(
     elif not quiet:
         retried = [f"batch {b.index} at rung {b.rung}" for b in result.batches if b.rung]
         typer.echo(f"wrote {result.output} ({result.duration_s:.1f} s, {result.frames} frames, "
-                   f"{result.width}x{result.height}; {len(result.batches)} batches: "
+                   f"{result.width}x{result.height}; {len(result.batches)} batch(es): "
                    f"{len(result.rendered)} rendered, {len(result.reused)} reused) "
                    f"in {result.seconds:.1f} s")
         if retried:
@@ -268,6 +293,10 @@ def batch_cmd(
     jobs: JobsOpt = 1,
     gpus: GpusOpt = None,
     keep_parts: KeepParts = False,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddress = "auto",
+    rows_at_once: Annotated[int, typer.Option("--rows", min=1, max=256,
+                                              help="Rows rendered at once (with --executor ray).")] = 1,
     quiet: Quiet = False,
     as_json: AsJson = False,
     log_file: LogFile = None,
@@ -284,6 +313,14 @@ def batch_cmd(
     preset = _preset_ref(preset, gpus)
     for problem in batch.validate(rows, preset=preset, overrides=set_ or []):
         log.error("error: %s", problem)  # all of them, before anything renders
+    valid = [r for r in rows if r.resolved is not None]
+    runs_on = None
+    if valid:
+        paths = [p.absolute() for r in valid for p in (r.audio, r.image, r.output.parent)]
+        runs_on = _executor(executor, ray_address, valid[0].resolved.preset,  # type: ignore[union-attr]
+                            sorted(set(paths)))
+    if runs_on is None and rows_at_once > 1:
+        raise InputError("--rows above 1 needs --executor ray (rows share this machine's cores)")
     show = _show_bar(quiet or as_json)
 
     with tqdm(total=len(rows), unit="video", desc="videos", disable=not show, position=0,
@@ -302,7 +339,7 @@ def batch_cmd(
             rows, redo=redo, jobs=jobs, gpus=gpus, keep_parts=keep_parts,
             row_events=lambda row: CliEvents(bar=show, quiet=quiet or as_json, position=1,
                                              label=row.output.name),
-            on_result=on_result)
+            on_result=on_result, executor=runs_on, rows_at_once=rows_at_once)
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed", "busy")}
     if as_json:
         typer.echo(json.dumps({"rows": [r.to_dict() for r in results], **counts}, indent=1))

@@ -26,7 +26,7 @@ from avatarcli.job import JobDir, JobLock, file_digest, job_key, now
 from avatarcli.options import NON_RENDERING_KEYS, Preset
 from avatarcli.plan import Plan, make_plan
 from avatarcli.presets import ResolvedPreset, parse_size
-from avatarcli.runner import BatchResult, Hooks, Runner
+from avatarcli.runner import BatchResult, Executor, Hooks, Runner
 from avatarcli.telemetry import Telemetry, aggregate
 from avatarcli.verify import is_whole
 
@@ -152,7 +152,7 @@ def _raise_all(problems: list[str]) -> None:
 def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path | None = None,
              jobs: int = 1, gpus: str | None = None, dry_run: bool = False, force: bool = False,
              keep_parts: bool = False, face: tuple[int, int, int, int] | None = None,
-             events: Events | None = None) -> Result:
+             events: Events | None = None, executor: Executor | None = None) -> Result:
     """Render `audio` + `image` to `output` (default: the audio's path with .mp4).
 
     Resumes a matching job in `OUTPUT.parts/`; raises InputError for bad input (nothing is
@@ -229,7 +229,7 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
         if output.exists() and not force:  # it may have appeared while we were checking
             raise InputError(f"{output}: output exists (use --force to overwrite)")
         _run_job(job, engine, resolved, inputs, plan, feats, rgb, slots, result, events,
-                 force=force)
+                 force=force, executor=executor)
         if not keep_parts:
             job.remove()  # under the lock, so no other process starts on a half-removed job
     result.seconds = time.monotonic() - started
@@ -239,7 +239,7 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
 def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobInputs,
              plan: Plan, feats: analysis.AudioFeatures, rgb: np.ndarray,
              slots: list[dict[str, str]], result: Result, events: Events, *,
-             force: bool) -> None:
+             force: bool, executor: Executor | None) -> None:
     """Resume or start the job, render what is missing, assemble and verify the output."""
     preset = resolved.preset
     digests = {"audio": file_digest(inputs.audio), "image": file_digest(inputs.image)}
@@ -273,7 +273,7 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
     with events.progress(plan.frames, done_frames) as bar:
         hooks = _manifest_hooks(job, manifest, bar)
         runner = Runner(job.path, job.log, slots=slots, cooldown_s=preset.cooldown_s,
-                        oom_rungs=len(preset.oom_retry), hooks=hooks)
+                        oom_rungs=len(preset.oom_retry), hooks=hooks, executor=executor)
         try:
             runner.run(pending)
         finally:

@@ -149,6 +149,18 @@ class LocalExecutor:
         return LocalHandle(proc, Sampler(proc.pid, gpu_ids).start())
 
 
+_ACTIVE: set[Runner] = set()
+_ACTIVE_LOCK = threading.Lock()
+
+
+def cancel_all() -> None:
+    """Stop every runner of this process (a signal arrived while rows render in threads)."""
+    with _ACTIVE_LOCK:
+        runners = list(_ACTIVE)
+    for runner in runners:
+        runner.cancel()
+
+
 class Runner:
     """Runs `indices` of a job; `slots` gives each concurrent process its environment."""
 
@@ -175,6 +187,8 @@ class Runner:
         free: queue.SimpleQueue[dict[str, str]] = queue.SimpleQueue()
         for slot in self.slots:
             free.put(slot)
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(self)
         pool = ThreadPoolExecutor(max_workers=len(self.slots), thread_name_prefix="batch")
         futures = [pool.submit(self._run_one, i, free) for i in indices]
         try:
@@ -189,6 +203,8 @@ class Runner:
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(self)
 
     def cancel(self) -> None:
         """Stop launching, and stop every running batch process group."""

@@ -77,3 +77,16 @@ def test_changed_settings_are_not_mixed_into_an_old_job(media: dict[str, Path],
     forced = avatar(*base, "--set", "seed=1", "--force", "--json")
     assert forced.returncode == 0, forced.stderr
     assert json.loads(forced.stdout)["batches_reused"] == []
+
+
+def test_output_is_a_normal_file_not_a_private_temp(media: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "perm.mp4"
+    run = avatar("gen", str(media["speech6"]), str(media["portrait"]), "-o", str(out),
+                 "--set", "size=256*256", "-q")
+    assert run.returncode == 0, run.stderr
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
