@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,20 +95,6 @@ def _guard(name: str, fn: Callable[[], list[Check]]) -> list[Check]:
 # -- ffmpeg ----------------------------------------------------------------------------------
 
 
-def encoders(exe: str) -> set[str]:
-    """Encoder names `ffmpeg -encoders` lists (it prints them on stdout, which
-    avatarcli.ffmpeg.run discards, hence a direct call)."""
-    proc = subprocess.run([exe, "-nostdin", "-hide_banner", "-encoders"], capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
-    return parse_encoders(proc.stdout)
-
-
-def parse_encoders(text: str) -> set[str]:
-    """Names from `-encoders` lines such as ` V....D libx264   libx264 H.264 ...`."""
-    return {m.group(1) for m in re.finditer(r"^\s*[VAS][A-Z.]{5}\s+(\S+)", text, re.MULTILINE)
-            if m.group(1) != "="}
-
-
 def check_ffmpeg() -> list[Check]:
     try:
         exe = ffmpeg.ffmpeg_exe()
@@ -117,7 +102,7 @@ def check_ffmpeg() -> list[Check]:
         return [Check("ffmpeg", "fail", str(exc),
                       "install ffmpeg (apt install ffmpeg), set FFMPEG_BINARY, or "
                       "pip install imageio-ffmpeg")]
-    found = encoders(exe)
+    found = ffmpeg.encoders()
     missing = [e for e in REQUIRED_ENCODERS if e not in found]
     detail = f"{exe} (version {ffmpeg.version()})"
     if missing:

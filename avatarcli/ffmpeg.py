@@ -96,3 +96,17 @@ def version() -> str:
     out = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, text=True, check=False)
     m = re.search(r"ffmpeg version (\S+)", out.stdout)
     return m.group(1) if m else "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def encoders() -> frozenset[str]:
+    """Encoder names the binary has (`ffmpeg -encoders`, which prints them on stdout)."""
+    out = subprocess.run([ffmpeg_exe(), *BASE_ARGS, "-encoders"], capture_output=True,
+                         text=True, timeout=60, stdin=subprocess.DEVNULL, check=False).stdout
+    return frozenset(parse_encoders(out))
+
+
+def parse_encoders(text: str) -> set[str]:
+    """Names from `-encoders` lines such as ` V....D libx264   libx264 H.264 ...`."""
+    return {m.group(1) for m in re.finditer(r"^\s*[VAS][A-Z.]{5}\s+(\S+)", text, re.MULTILINE)
+            if m.group(1) != "="}

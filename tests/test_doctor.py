@@ -119,7 +119,7 @@ def test_missing_ffmpeg_and_encoders(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(doctor.ffmpeg, "ffmpeg_exe", lambda: "/opt/ffmpeg")
     monkeypatch.setattr(doctor.ffmpeg, "version", lambda: "6.1")
-    monkeypatch.setattr(doctor, "encoders", lambda exe: {"libx264", "mpeg4"})
+    monkeypatch.setattr(doctor.ffmpeg, "encoders", lambda: {"libx264", "mpeg4"})
     [check] = doctor.check_ffmpeg()
     assert check.status == "fail" and "aac" in check.detail and "libx264" not in check.detail
 
@@ -134,7 +134,7 @@ def test_parse_encoders() -> None:
  A....D aac                  AAC (Advanced Audio Coding)
  S..... ass                  ASS (Advanced SubStation Alpha) subtitle
 """
-    assert doctor.parse_encoders(text) == {"libx264", "mpeg4", "aac", "ass"}
+    assert doctor.ffmpeg.parse_encoders(text) == {"libx264", "mpeg4", "aac", "ass"}
 
 
 @pytest.mark.parametrize(("free_gb", "status"), [(100.0, "ok"), (3.0, "warn"), (0.5, "fail")])
