@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fixtures
 import pytest
 from typer.testing import CliRunner
 
-import fixtures
 from avatarcli.cli import app
 
 runner = CliRunner()
