@@ -311,6 +311,8 @@ def batch_cmd(
     _install_signal_handlers()
     rows = batch.load_manifest(manifest)
     preset = _preset_ref(preset, gpus)
+    if preset or set_:  # a wrong -p or --set is a usage error, not a failure of every row
+        presets.resolve(preset, presets.parse_set(set_ or []))
     for problem in batch.validate(rows, preset=preset, overrides=set_ or []):
         log.error("error: %s", problem)  # all of them, before anything renders
     valid = [r for r in rows if r.resolved is not None]

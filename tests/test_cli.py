@@ -65,17 +65,38 @@ def _bad_cases(media: dict[str, Path], tmp: Path) -> list[tuple[str, list[str], 
         ("yaml syntax", [speech, face, "-o", out, "-p", str(bad_yaml)], r"bad.yaml:2: YAML syntax error"),
         ("bad face box", [speech, face, "-o", out, "--face", "1,2,3"], r"--face '1,2,3': expected X,Y,W,H"),
         ("jobs zero", [speech, face, "-o", out, "--jobs", "0"], r"--jobs"),
+        ("unknown executor", [speech, face, "-o", out, "--executor", "slurm"], r"--executor 'slurm': expected local or ray"),
+    ]
+
+
+def _bad_batch_cases(media: dict[str, Path], tmp: Path) -> list[tuple[str, list[str], str]]:
+    def manifest(name: str, text: str) -> str:
+        path = tmp / name
+        path.write_text(text)
+        return str(path)
+
+    row = f"{media['speech6']},{media['portrait']}"
+    return [
+        ("missing manifest", [str(tmp / "nope.csv")], r"nope.csv: manifest not found"),
+        ("unknown column", [manifest("col.csv", f"audio,image,colour\n{row},red\n")], r"col.csv:1: unknown column 'colour'"),
+        ("no rows", [manifest("empty.csv", "audio,image\n")], r"empty.csv: manifest has no rows"),
+        ("yaml syntax", [manifest("bad.yaml", "- [a\n")], r"bad.yaml:\d+: YAML syntax error"),
+        ("yaml not a list", [manifest("map.yaml", "audio: a.wav\n")], r"a manifest is a list of rows"),
+        ("batch unknown preset", [manifest("ok.csv", f"audio,image\n{row}\n"), "-p", "nope"], r"unknown preset 'nope'"),
     ]
 
 
 def test_bad_inputs_exit_2_with_one_clear_line(media: dict[str, Path], tmp_path: Path) -> None:
-    cases = _bad_cases(media, tmp_path)
+    cases = [(name, ["gen", *args], pattern) for name, args, pattern in _bad_cases(media, tmp_path)]
+    cases += [(name, ["batch", *args], pattern)
+              for name, args, pattern in _bad_batch_cases(media, tmp_path)]
+    assert len(cases) >= 20
     before = listing(tmp_path)
     media_before = listing(media["speech6"].parent)
     import re
 
     for name, args, pattern in cases:
-        result = runner.invoke(app, ["gen", *args])
+        result = runner.invoke(app, args)
         assert result.exit_code == 2, (name, result.output)
         assert "Traceback" not in result.output, name
         assert re.search(pattern, result.output), (name, result.output)
