@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -19,7 +19,9 @@ from avatarcli import __version__, presets
 from avatarcli.errors import AvatarError, InputError, Interrupted
 from avatarcli.options import Preset
 from avatarcli.pipeline import Events, Result, generate
-from avatarcli.runner import Executor
+
+if TYPE_CHECKING:
+    from avatarcli.ray_executor import RayExecutor
 
 app = typer.Typer(
     name="avatar", add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -188,17 +190,20 @@ RayAddress = Annotated[str, typer.Option("--ray-address", metavar="ADDRESS",
                                          help="Ray cluster: auto, ray://host:port, or local (an in-process cluster).")]
 
 
-def _executor(kind: str, address: str, preset: Preset, paths: list[Path]) -> Executor | None:
+def _executor(kind: str, address: str, preset: Preset, paths: list[Path], outputs: list[Path],
+              gpus: str | None) -> RayExecutor | None:
     """None for local batch processes; a Ray executor whose nodes all see `paths`."""
     if kind == "local":
         return None
     if kind != "ray":
         raise InputError(f"--executor {kind!r}: expected local or ray")
-    from avatarcli.ray_executor import RayExecutor, check_shared_paths
+    if gpus:
+        raise InputError("--gpus does not go with --executor ray: Ray gives each batch its GPUs")
+    from avatarcli.ray_executor import RayExecutor
 
     executor = RayExecutor.for_preset(preset, address)
     # Shared storage is the contract: every node must see the inputs, outputs and Python.
-    check_shared_paths([*paths, Path(sys.executable)])
+    executor.check_shared_paths([*paths, Path(sys.executable)], writable=outputs)
     return executor
 
 
@@ -258,10 +263,15 @@ def gen(
     events = CliEvents(bar=_show_bar(quiet or as_json), quiet=quiet or as_json)
     out_dir = (output or audio).expanduser().absolute().parent
     runs_on = None if dry_run else _executor(executor, ray_address, resolved.preset,
-                                             [audio.absolute(), image.absolute(), out_dir])
-    result = generate(audio, image, resolved, output=output, jobs=jobs, gpus=gpus,
-                      dry_run=dry_run, force=force, keep_parts=keep_parts,
-                      face=_parse_face(face), events=events, executor=runs_on)
+                                             [audio.absolute(), image.absolute()], [out_dir],
+                                             gpus)
+    try:
+        result = generate(audio, image, resolved, output=output, jobs=jobs, gpus=gpus,
+                          dry_run=dry_run, force=force, keep_parts=keep_parts,
+                          face=_parse_face(face), events=events, executor=runs_on)
+    finally:
+        if runs_on is not None:
+            runs_on.shutdown()
     if as_json:
         typer.echo(json.dumps(result.summary(), indent=1))
     elif dry_run:
@@ -318,9 +328,10 @@ def batch_cmd(
     valid = [r for r in rows if r.resolved is not None]
     runs_on = None
     if valid:
-        paths = [p.absolute() for r in valid for p in (r.audio, r.image, r.output.parent)]
+        inputs = {p.absolute() for r in valid for p in (r.audio, r.image)}
+        outputs = {r.output.parent.absolute() for r in valid}
         runs_on = _executor(executor, ray_address, valid[0].resolved.preset,  # type: ignore[union-attr]
-                            sorted(set(paths)))
+                            sorted(inputs), sorted(outputs), gpus)
     if runs_on is None and rows_at_once > 1:
         raise InputError("--rows above 1 needs --executor ray (rows share this machine's cores)")
     show = _show_bar(quiet or as_json)
@@ -337,11 +348,15 @@ def batch_cmd(
                 _err(line)
             log.debug("%s", line, extra={"fields": {"event": "row", **r.to_dict()}})
 
-        results = batch.run_batch(
-            rows, redo=redo, jobs=jobs, gpus=gpus, keep_parts=keep_parts,
-            row_events=lambda row: CliEvents(bar=show, quiet=quiet or as_json, position=1,
-                                             label=row.output.name),
-            on_result=on_result, executor=runs_on, rows_at_once=rows_at_once)
+        try:
+            results = batch.run_batch(
+                rows, redo=redo, jobs=jobs, gpus=gpus, keep_parts=keep_parts,
+                row_events=lambda row: CliEvents(bar=show, quiet=quiet or as_json, position=1,
+                                                 label=row.output.name),
+                on_result=on_result, executor=runs_on, rows_at_once=rows_at_once)
+        finally:
+            if runs_on is not None:
+                runs_on.shutdown()
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed", "busy")}
     if as_json:
         typer.echo(json.dumps({"rows": [r.to_dict() for r in results], **counts}, indent=1))

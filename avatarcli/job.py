@@ -86,7 +86,9 @@ class JobDir:
         return self.path / "parts" / f"part-{index:04d}.mp4"
 
     def temp_part(self, index: int) -> Path:
-        return self.path / "parts" / f".part-{index:04d}.tmp.mp4"
+        # One name per attempt: a stale attempt (say, on a node cut off from its cluster)
+        # can never rename another attempt's half-written file into place.
+        return self.path / "parts" / f".part-{index:04d}.{os.getpid()}.tmp.mp4"
 
     def log(self, index: int) -> Path:
         return self.path / "logs" / f"batch-{index:04d}.log"

@@ -202,7 +202,8 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
         (warnings if dry_run else problems).extend(engine_problems)
     _raise_all(problems)
     assert rgb is not None and inputs is not None
-    slots = engine.slots(jobs, gpus)
+    # A cluster decides which GPUs a batch gets; on this machine the engine shares them out.
+    slots = (executor.slots(jobs) if executor is not None else None) or engine.slots(jobs, gpus)
 
     # 2. Audio analysis (one streaming decode) and the plan.
     feats = analysis.analyse(audio, preset.fps)

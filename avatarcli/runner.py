@@ -104,6 +104,10 @@ class BatchHandle(Protocol):
 class Executor(Protocol):
     """Where batch processes run. Nothing above the runner knows which one it is."""
 
+    def slots(self, jobs: int) -> list[dict[str, str]] | None:
+        """The environments of concurrent batches, or None to let the engine decide (GPUs)."""
+        ...
+
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path,
               gpu_ids: list[str]) -> BatchHandle:
         """Start `cmd` (a worker command) with `env` added, its stderr to `log_path`."""
@@ -136,6 +140,9 @@ class LocalHandle:
 
 class LocalExecutor:
     """Batch processes on this machine, each in its own session (process group)."""
+
+    def slots(self, jobs: int) -> list[dict[str, str]] | None:
+        return None  # this machine's GPUs: the engine knows how to share them
 
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path,
               gpu_ids: list[str]) -> LocalHandle:

@@ -69,9 +69,15 @@ def render_part(job_dir: Path, index: int) -> None:
     def progress(done: int) -> None:
         if os.getppid() != parent:
             raise Orphaned(f"parent process {parent} is gone")
-        print(f"progress {done}", flush=True)
+        try:
+            print(f"progress {done}", flush=True)
+        except BrokenPipeError:  # whoever read our progress is gone (a dead cluster worker)
+            raise Orphaned("nobody reads this batch's progress any more") from None
 
-    task.out.unlink(missing_ok=True)
+    # Earlier attempts' temporaries: a stale attempt still writing loses its file and can no
+    # longer rename it into place.
+    for stale in (job.path / "parts").glob(f".part-{index:04d}.*.tmp.mp4"):
+        stale.unlink(missing_ok=True)
     started = time.monotonic()
     try:
         engine.render(task, progress)
