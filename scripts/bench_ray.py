@@ -13,12 +13,10 @@ Both outputs must have the same decoded frames.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,16 +49,9 @@ def overheads(job_dir: Path) -> list[float]:
 
 
 def frames_md5(path: Path) -> str:
-    from avatarcli import ffmpeg
-
-    proc = ffmpeg.popen(["-v", "error", "-i", str(path), "-map", "0:v", "-f", "rawvideo", "-"],
-                        stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    h = hashlib.md5()
-    while block := proc.stdout.read(1 << 20):
-        h.update(block)
-    proc.wait()
-    return h.hexdigest()
+    fixtures = importlib.import_module("fixtures")
+    digest: str = fixtures.video_frames_md5(path)
+    return digest
 
 
 def main(argv: list[str] | None = None) -> int:

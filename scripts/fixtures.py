@@ -786,3 +786,19 @@ def bad_files(outdir: Path) -> dict[str, Path]:
     path.write_bytes(data[: int(len(data) * 0.4) | 1])  # odd length: surely not at a frame edge
     out["truncated_mp3"] = path
     return out
+
+
+def video_frames_md5(path: Path) -> str:
+    """MD5 of a video's decoded frames: equal for two files that show exactly the same frames."""
+    import hashlib
+    import subprocess
+
+    proc = _ffmpeg().popen(["-v", "error", "-i", str(path), "-map", "0:v", "-f", "rawvideo",
+                            "-"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    h = hashlib.md5()
+    while block := proc.stdout.read(1 << 20):
+        h.update(block)
+    if proc.wait() != 0:
+        raise RuntimeError(f"{path}: ffmpeg could not decode it")
+    return h.hexdigest()

@@ -6,12 +6,10 @@ Every Ray instance here is local: `address="local"` (one node, 2 CPUs) or
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,8 +25,8 @@ ray = pytest.importorskip("ray")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from avatarcli import ffmpeg, presets  # noqa: E402
 from avatarcli import media as m  # noqa: E402
+from avatarcli import presets  # noqa: E402
 from avatarcli.errors import InputError  # noqa: E402
 from avatarcli.job import JobDir  # noqa: E402
 from avatarcli.pipeline import Result, generate  # noqa: E402
@@ -125,15 +123,10 @@ def render(audio: Path, image: Path, out: Path, settings: list[str], *,
 
 
 def frames_md5(path: Path) -> str:
-    """MD5 of the decoded video frames."""
-    proc = ffmpeg.popen(["-v", "error", "-i", str(path), "-map", "0:v", "-f", "rawvideo", "-"],
-                        stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    h = hashlib.md5()
-    while block := proc.stdout.read(1 << 20):
-        h.update(block)
-    assert proc.wait() == 0
-    return h.hexdigest()
+    import fixtures  # scripts/fixtures.py, on sys.path through conftest
+
+    digest: str = fixtures.video_frames_md5(path)
+    return digest
 
 
 def check_complete(result: Result, seconds: float) -> None:
