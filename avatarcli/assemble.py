@@ -55,14 +55,13 @@ def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, fr
 def verify_output(path: Path, *, audio_s: float, frames: int, width: int, height: int,
                   fps: int) -> None:
     """Video and audio present, the planned frame count, and the audio's duration within a frame."""
-    check_video(path, frames=frames, width=width, height=height, fps=fps, decode=False)
-    if media.probe(path).first("audio") is None:
+    info = check_video(path, frames=frames, width=width, height=height, fps=fps, decode=False)
+    if info.first("audio") is None:
         raise VerifyError(f"{path}: no audio stream")
-    want = audio_s
     got_audio = media.audio_seconds(path)
     video_s = frames / fps
     tolerance = 1.0 / fps
-    if abs(got_audio - want) > tolerance:
-        raise VerifyError(f"{path}: audio lasts {got_audio:.3f} s, the recording {want:.3f} s")
-    if abs(video_s - want) > tolerance:
-        raise VerifyError(f"{path}: video lasts {video_s:.3f} s, the audio {want:.3f} s")
+    if abs(got_audio - audio_s) > tolerance:
+        raise VerifyError(f"{path}: audio lasts {got_audio:.3f} s, the recording {audio_s:.3f} s")
+    if abs(video_s - audio_s) > tolerance:
+        raise VerifyError(f"{path}: video lasts {video_s:.3f} s, the audio {audio_s:.3f} s")

@@ -15,8 +15,11 @@ class VerifyError(AvatarError):
 
 
 def check_video(path: Path, *, frames: int, width: int, height: int, fps: int,
-                decode: bool = True) -> None:
-    """Raise VerifyError unless `path` has exactly `frames` frames of width x height at fps."""
+                decode: bool = True) -> media.Probe:
+    """Raise VerifyError unless `path` has exactly `frames` frames of width x height at fps.
+
+    Returns the probe, so a caller checking more (the audio stream) need not probe again.
+    """
     if not path.is_file() or path.stat().st_size == 0:
         raise VerifyError(f"{path}: missing or empty")
     info = media.probe(path)
@@ -33,6 +36,7 @@ def check_video(path: Path, *, frames: int, width: int, height: int, fps: int,
         raise VerifyError(f"{path}: cannot be decoded ({exc})") from exc
     if got != frames:
         raise VerifyError(f"{path}: {got} frames, expected {frames}")
+    return info
 
 
 def is_whole(path: Path, *, frames: int, width: int, height: int, fps: int) -> bool:
