@@ -164,16 +164,11 @@ def _gb(value: float | None) -> str:
 
 def check_liveavatar(preset: Preset, jobs_dir: Path) -> list[Check]:
     """The engine's own pre-launch check, reported as checks."""
-    from avatarcli.engines.base import JobInputs
+    from avatarcli import gpus, memory
     from avatarcli.engines.liveavatar import ENV_VARS, LiveAvatarEngine, settings
 
     engine = LiveAvatarEngine(preset)
-    # check() looks at the set-up only; the inputs are placeholders.
-    placeholder = jobs_dir / "doctor"
-    inputs = JobInputs(audio=placeholder / "audio.wav", image=placeholder / "portrait.png",
-                       job_dir=placeholder, portrait=placeholder / "portrait.png",
-                       features=placeholder / "features.npy", width=0, height=0, fps=preset.fps)
-    problems, warnings = engine.check(inputs)
+    problems, warnings = engine.check_setup()
     out = [Check("liveavatar", "fail", p, _liveavatar_fix(p, ENV_VARS)) for p in problems]
     out += [Check("liveavatar", "warn", w, "change the preset value named above (--set KEY=VALUE)")
             for w in warnings]
@@ -181,6 +176,13 @@ def check_liveavatar(preset: Preset, jobs_dir: Path) -> list[Check]:
         conf = settings(preset.liveavatar)
         out.insert(0, Check("liveavatar", "ok", f"repo {conf['repo']}, ckpt {conf['ckpt_dir']}, "
                             f"lora {conf['lora_path']}, torchrun {conf['torchrun']}"))
+    # Host RAM of one batch at the area key's own frame size (the portrait is not known here).
+    host = memory.host_estimate(preset, total_gb=gpus.host_memory_gb())
+    detail = (f"one launch needs about {host.peak_gb:.1f} GB of RAM"
+              + ("" if host.total_gb is None else f"; this machine has {host.total_gb:.1f} GB"))
+    out.append(Check("host memory", "ok" if host.fits else "fail", detail,
+                     "" if host.fits else "turn liveavatar.offload_kv_cache off or lower "
+                     f"clips_per_batch (or set {gpus.HOST_MEM_ENV} if the machine's RAM is misread)"))
     return out
 
 

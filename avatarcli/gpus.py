@@ -41,6 +41,35 @@ _MIB = 2**20
 _GIB = 2**30
 
 
+HOST_MEM_ENV = "AVATARCLI_HOST_MEM_GB"  # declares this machine's RAM where it is misread
+
+
+def host_memory_gb() -> float | None:
+    """RAM this process may use (GiB): $AVATARCLI_HOST_MEM_GB, else the smaller of the
+    machine's physical memory and a cgroup (container) limit; None when unknown."""
+    value = os.environ.get(HOST_MEM_ENV, "").strip()
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            raise InputError(f"${HOST_MEM_ENV}={value!r}: expected a number of GB") from None
+    try:
+        import psutil
+
+        total = float(psutil.virtual_memory().total)
+    except Exception as exc:  # psutil can fail in odd sandboxes; no verdict then
+        log.debug("host memory: %s", exc)
+        return None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, float(text))
+    return total / _GIB
+
+
 def parse_list(value: str) -> list[str]:
     """`0,2,3` -> ["0", "2", "3"]; refuses empty items and duplicates."""
     ids = [v.strip() for v in value.split(",")]

@@ -153,10 +153,14 @@ def audio_seconds(path: Path) -> float:
 
 def slice_audio(src: Path, dst: Path, *, start_s: float, duration_s: float,
                 rate: int = 16000) -> None:
-    """Cut [start, start+duration) of `src` to a mono 16-bit WAV, padded with silence at the end."""
+    """Cut [start, start+duration) of `src` to a mono 16-bit WAV, padded with silence past the
+    end. A negative `start_s` puts that much silence in front of the recording's start."""
+    lead = max(0, round(-start_s * rate))  # samples of silence before the recording
+    # Resample first, so the delay counts output samples exactly; apad fills the end.
+    chain = f"aresample={rate},adelay=delays={lead}S:all=1,apad" if lead else "apad"
     args = (
-        ffmpeg_python.input(str(src), ss=f"{start_s:.6f}")
-        .output(str(dst), t=f"{duration_s:.6f}", af="apad", ac=1, ar=rate, acodec="pcm_s16le",
+        ffmpeg_python.input(str(src), ss=f"{max(0.0, start_s):.6f}")
+        .output(str(dst), t=f"{duration_s:.6f}", af=chain, ac=1, ar=rate, acodec="pcm_s16le",
                 map="0:a:0")
         .global_args("-loglevel", "error", "-y")
         .get_args()

@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from avatarcli import presets
 from avatarcli.options import LiveAvatarOptions, Preset
 from avatarcli.presets import parse_size
 
@@ -503,7 +504,10 @@ def estimate(preset: Preset, *, gpus: int | None = None, gpu_mem_gb: float,
     phases: dict[str, dict[str, float]] = {}
     if not multi:
         dit = dit_weights_gb(fp8)
-        offload = preset.offload
+        # One GPU always runs with --offload_model True: without it the VAE stays on the CPU
+        # (init_on_cpu) and decoding fails after all the denoising (causal_s2v_pipeline.py:
+        # 961-965, 1146-1153), so presets refuse `offload: false` there (presets._check_rules).
+        offload = True
         # With --offload_kv_cache the four caches (each with its own cond cache) live on the CPU
         # and one is copied onto the GPU for its step; otherwise 4 caches + one shared cond cache.
         kv = kv_step + cond if opts.offload_kv_cache else KV_STEPS * kv_step + cond
@@ -597,6 +601,111 @@ def estimate(preset: Preset, *, gpus: int | None = None, gpu_mem_gb: float,
                     fits=fails_at is None, headroom_gb=usable - peak, gpus=n, notes=notes,
                     phases=phases, peak_phase=peak_phase, fails_at=fails_at,
                     size_supported=size_supported)
+
+
+# --------------------------------------------------------------------------------------------
+# Host memory (RAM) of one launch.
+# --------------------------------------------------------------------------------------------
+# A torch + CUDA process before any model: CUDA/cuBLAS/cuDNN/NCCL libraries and the host side
+# of the CUDA context. Assumption (a torch 2.x CUDA 12 process holds 2.5-3.5 GiB RSS), not
+# measured on this project's machines.
+PROCESS_HOST_GB = 3.0
+# Decoded video held in host memory until it is saved: every clip's frames are appended to a
+# list on the CPU in bf16, concatenated (pipeline generate(): `out.append(image.cpu())`,
+# `torch.cat(out)`), then save_video clamps, grids and scales copies of it before the uint8
+# conversion (wan_2_2/utils/utils.py:104-111). Bytes per decoded value alive at the peak:
+# the bf16 video, its clamped copy, the stacked grid and the scaled copy (4 x 2).
+DECODED_BYTES_PER_VALUE = 8
+
+
+@dataclass(frozen=True)
+class HostEstimate:
+    """Host RAM of one launch (GiB): the peak's components and whether it fits `total_gb`."""
+
+    components: dict[str, float]
+    peak_gb: float
+    total_gb: float | None  # the machine's RAM; None: unknown (no verdict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gb is None or self.peak_gb <= self.total_gb
+
+    def lines(self) -> list[str]:
+        verdict = ("no verdict (host RAM unknown)" if self.total_gb is None else
+                   f"of {self.total_gb:.1f} GB: " + ("fits" if self.fits else "does NOT fit"))
+        out = [f"host RAM: peak {self.peak_gb:.2f} GB {verdict}"]
+        out += [f"  {name:<18} {gb:7.2f} GB" for name, gb in self.components.items()]
+        out += [f"  note: {n}" for n in self.notes]
+        return out
+
+
+def host_estimate(preset: Preset, *, total_gb: float | None, width: int | None = None,
+                  height: int | None = None, frames: int | None = None) -> HostEstimate:
+    """Peak host RAM of one LiveAvatar launch of `preset` (per process; 5-GPU launches run 5).
+
+    frames: decoded frames of the launch (default: a full batch, clips_per_batch clips).
+    """
+    w, h = _frame_size(preset, width, height)
+    opts = preset.liveavatar
+    multi = opts.gpus_per_run == GPUS_MULTI
+    n = frames if frames is not None else preset.clips_per_batch * preset.infer_frames
+    comps: dict[str, float] = {"process": PROCESS_HOST_GB}
+    notes: list[str] = []
+    if not multi:  # with --offload_model the encoders wait on the CPU while the DiT works
+        comps["text_encoder"] = 0.0 if "--t5_cpu" in opts.extra_args else text_encoder_gb()
+        comps["audio_encoder"] = audio_encoder_gb()
+        comps["vae_weights"] = vae_weights_gb()
+        if "--t5_cpu" in opts.extra_args:
+            comps["text_encoder"] = text_encoder_gb()  # on the CPU for good
+    if opts.offload_kv_cache and not multi:
+        # _initialize_kv_cache: each of the 4 per-step caches gets its own cond cache on the
+        # CPU (causal_s2v_pipeline.py:606-622), copied to the GPU and back every step.
+        per = kv_cache_gb(kv_tokens(preset.infer_frames, w, h)) + kv_cache_gb(
+            COND_CACHE_TOKENS_SINGLE)
+        comps["kv_cache"] = KV_STEPS * per
+        notes.append(f"offload_kv_cache: {KV_STEPS} caches of {per:.1f} GB in pageable host "
+                     f"memory; each step copies one to the GPU and back ({2 * per:.1f} GB per "
+                     f"step, {2 * per * preset.sample_steps:.0f} GB per block of 3 latent "
+                     f"frames): expect denoising several times slower")
+    comps["decoded_frames"] = n * 3 * w * h * DECODED_BYTES_PER_VALUE / GIB
+    comps = _clean(comps)
+    return HostEstimate(components=comps, peak_gb=sum(comps.values()), total_gb=total_gb,
+                        notes=notes)
+
+
+def rung_effects(preset: Preset) -> list[tuple[int, float, float]]:
+    """(rung, peak GiB before it, peak GiB with it) for each out-of-memory retry rung: the
+    peak after loading (see _retry_peak).
+
+    A rung whose peak is not lower cannot help a CUDA out-of-memory failure and costs a full
+    model reload (e.g. offload_kv_cache on 5 GPUs, which the TPP pipeline ignores).
+    """
+    if preset.engine != "liveavatar" or not preset.oom_retry:
+        return []
+    data = {**preset.to_dict(), "oom_retry": []}
+    out = []
+    before = _retry_peak(estimate(preset, gpu_mem_gb=80))
+    for k in range(1, len(preset.oom_retry) + 1):
+        rung = presets.build(presets.rung_values(data, preset.oom_retry, k), f"oom_retry rung {k}")
+        after = _retry_peak(estimate(rung, gpu_mem_gb=80))
+        out.append((k, before, after))
+        before = after
+    return out
+
+
+def _retry_peak(est: Estimate) -> float:
+    """The peak over the phases a retry can change: all but 'load', where the bf16 weights
+    alone decide (an out-of-memory failure there is not cured by lighter settings)."""
+    return max(sum(p.values()) for name, p in est.phases.items() if name != "load")
+
+
+def rung_warnings(preset: Preset) -> list[str]:
+    """A warning for each retry rung that does not lower the estimated per-GPU peak."""
+    return [f"oom_retry rung {k} ({preset.oom_retry[k - 1]}) does not lower the estimated "
+            f"peak after loading ({before:.2f} -> {after:.2f} GB per GPU): it cannot help an out-of-memory "
+            f"failure and costs a model reload"
+            for k, before, after in rung_effects(preset) if after >= before - 0.005]
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,8 +61,15 @@ class LiveAvatarOptions:
     gpus_per_run: int = knob(1, choices=(1, 5), help="GPUs per launch")
     # FP8 weights via torch._scaled_mm (compute capability 8.9+).
     fp8: bool = knob(False, help="--fp8")
-    # Keep the per-step KV caches in host memory.
+    # Keep the four per-step KV caches in host memory: fits smaller GPUs, costs host RAM
+    # (about 47 GiB at 704*384) and a copy of each cache to the GPU and back at every step.
     offload_kv_cache: bool = knob(False, help="--offload_kv_cache")
+    # Frames the model's video leads the audio it was given: upstream denoises clip r against
+    # audio frames r*F.. and drops clip 0's first 3 decoded frames, so output frame n shows
+    # audio frame n+3 (causal_s2v_pipeline.py:1000-1005, 1119, 1170). Each batch's audio slice
+    # starts this many frames earlier, so the lips match the muxed sound. Read from the code,
+    # not yet measured on a GPU: a measurement (`avatar check`) may correct it here.
+    audio_shift_frames: int = knob(3, bounds=(-24, 24), help="model's video lead over its audio")
     sample_solver: str = knob("euler", choices=("euler",), help="--sample_solver")
     training_config: str = knob("liveavatar/configs/s2v_causal_sft.yaml", help="--training_config")
     # Extra environment for the launch (e.g. ENABLE_COMPILE: "false").

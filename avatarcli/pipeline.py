@@ -191,8 +191,7 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
     warnings: list[str] = []
     if rgb is not None:
         src_h, src_w = rgb.shape[:2]
-        width, height = portrait.output_size(parse_size(preset.size), src_w / src_h,
-                                             engine.size_multiple())
+        width, height = engine.frame_size(parse_size(preset.size), src_w, src_h)
         out_face = portrait.map_box(face, src_w, src_h, width, height) if face else None
         inputs = JobInputs(audio=audio, image=image, job_dir=job.path, portrait=job.portrait,
                            features=job.features, width=width, height=height, fps=preset.fps,

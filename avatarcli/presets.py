@@ -316,6 +316,20 @@ def _check_rules(preset: Preset, where: str) -> None:
             raise InputError(f"{where}: sample_steps must be within [1, {LIVEAVATAR_MAX_STEPS}] "
                              f"for LiveAvatar (KV caches exist for 4 steps), "
                              f"got {preset.sample_steps}")
+        if preset.liveavatar.gpus_per_run > 1 and preset.sample_steps != LIVEAVATAR_MAX_STEPS:
+            # TPP pipeline: DiT rank i runs only denoising step i, receiving from rank i-1 and
+            # sending to rank i+1, and the VAE rank receives from rank 3
+            # (causal_s2v_pipeline_tpp.py:1041, 1061-1093, 1095-1098): with fewer steps a rank
+            # waits for a send that never comes, and NCCL hangs until its timeout.
+            raise InputError(f"{where}: sample_steps must be exactly {LIVEAVATAR_MAX_STEPS} with "
+                             f"{preset.liveavatar.gpus_per_run} GPUs (each DiT GPU runs one "
+                             f"step; other values hang upstream), got {preset.sample_steps}")
+        if preset.liveavatar.gpus_per_run == 1 and not preset.offload:
+            # Without --offload_model the VAE stays on the CPU where init_on_cpu left it and
+            # decoding fails after all the denoising (causal_s2v_pipeline.py:961-965, 1146-1153).
+            raise InputError(f"{where}: offload must be true for LiveAvatar on one GPU "
+                             f"(upstream's single-GPU path only decodes with --offload_model "
+                             f"True; false fails after denoising)")
         if preset.fps != 25:
             raise InputError(f"{where}: fps must be 25 for LiveAvatar (it renders at 25 fps), "
                              f"got {preset.fps}")

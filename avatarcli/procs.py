@@ -10,6 +10,7 @@ import logging
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -67,3 +68,15 @@ def run_logged(cmd: list[str], *, cwd: Path | None, env: dict[str, str]) -> Outc
             del tail[0]
     sys.stderr.flush()
     return Outcome(proc.wait(), "".join(tail))
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine now, for a torchrun rendezvous.
+
+    Asked per launch (never a fixed base port): two `avatar` runs on one host, or a cron job
+    beside a manual run, would otherwise pick the same port and one launch would fail.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -54,6 +54,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from avatarcli import procs
 from avatarcli.errors import EngineError, InputError
 from avatarcli.presets import ResolvedPreset
 from avatarcli.telemetry import Sampler, Telemetry
@@ -116,14 +117,6 @@ def _kill_group(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
 # Ray tasks. Module-level functions, so Ray's workers import them from avatarcli.
 
 
-def _free_port() -> int:
-    """A TCP port that is free on this node now (for torchrun's rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _node_name() -> str:
     ray = _import_ray()
     ip = importlib.import_module("ray.util").get_node_ip_address()
@@ -146,7 +139,7 @@ def _batch_task(cmd: list[str], env: dict[str, str], log_path: str, gpu_ids: lis
         gpu_ids = ids
     if "MASTER_PORT" in slot:
         # Tasks of other slots, rows or drivers may share this node: a port free here.
-        env["MASTER_PORT"] = slot["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = slot["MASTER_PORT"] = str(procs.free_port())
     if "AVATARCLI_SLOT_ENV" in env:
         env["AVATARCLI_SLOT_ENV"] = json.dumps(slot)
     with open(log_path, "ab") as logf:

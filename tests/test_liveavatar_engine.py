@@ -33,7 +33,9 @@ def gen(media: dict[str, Path], out: Path, lora: Path, *extra: str, mode: str = 
                # configuration through the environment, as a cron job would do it
                "AVATARCLI_LIVEAVATAR_REPO": str(STANDIN),
                "AVATARCLI_LIVEAVATAR_TORCHRUN": TORCHRUN,
-               "AVATARCLI_LIVEAVATAR_LORA": str(lora), **(env or {})}
+               "AVATARCLI_LIVEAVATAR_LORA": str(lora),
+               # the stand-in plays a GPU server; liveavatar-24gb's KV caches need ~28 GB RAM
+               "AVATARCLI_HOST_MEM_GB": "256", **(env or {})}
     if record is not None:
         run_env["LIVEAVATAR_STANDIN_RECORD"] = str(record)
     return subprocess.run(

@@ -191,6 +191,36 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
             s.listen()
             return launch(work, "port_busy", ok_args("port_busy"), port=s.getsockname()[1])
 
+    def plus_folder() -> Run:  # one file, but its folder's name holds '+'
+        folder = work / "talk+music"
+        folder.mkdir(exist_ok=True)
+        wav = make_wav(folder / "speech.wav", 2.0)
+        return launch(work, "plus_folder", upstream_args(wide, wav, out / "plus_folder.mp4"))
+
+    def exif_rotated() -> Run:  # stored 400x240 (landscape), EXIF 6: shown as 240x400
+        img = Image.open(tall).transpose(Image.Transpose.ROTATE_90)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        path = work / "rotated.jpg"
+        img.save(path, exif=exif)
+        return launch(work, "exif", upstream_args(path, speech2, out / "exif.mp4", num_clip=1))
+
+    def tpp(name: str, steps: int) -> Callable[[], Run]:  # upstream's 5-process layout
+        def go() -> Run:
+            args = upstream_args(wide, speech2, out / f"{name}.mp4", num_clip=1,
+                                 sample_steps=steps)
+            args[args.index("--single_gpu")] = "--enable_vae_parallel"
+            args[args.index("--num_gpus_dit") + 1] = "4"
+            args[args.index("--offload_model") + 1] = "False"
+            return launch(work, name, args, nproc=5,
+                          env={"LIVEAVATAR_STANDIN_NCCL_TIMEOUT": "2"})
+        return go
+
+    def offload_false() -> Run:
+        args = ok_args("offload_false")
+        args[args.index("--offload_model") + 1] = "False"
+        return launch(work, "offload_false", args)
+
     def wrong_cwd() -> Run:
         return launch(work, "wrong_cwd", ok_args("wrong_cwd"), cwd=work,
                       script=str(STANDIN / SCRIPT))
@@ -210,6 +240,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
         "oom_until": oom_until,
         "plus_audio": lambda: launch(work, "plus_audio", upstream_args(
             wide, f"{speech3}+{speech2}", out / "plus_audio.mp4")),
+        "plus_folder": plus_folder,
+        "exif": exif_rotated,
+        "tpp4": tpp("tpp4", 4),
+        "tpp2": tpp("tpp2", 2),
+        "offload_false": offload_false,
         "steps5": lambda: launch(work, "steps5", ok_args("steps5", sample_steps=5)),
         "world2": lambda: launch(work, "world2", ok_args("world2"), nproc=2),
         "port_busy": port_busy,
@@ -319,11 +354,49 @@ def test_oom_until_counts_launches(runs: dict[str, Run]) -> None:
     assert second.extra["counter"] == "2"
 
 
-def test_plus_in_audio_is_refused(runs: dict[str, Run]) -> None:
+def test_plus_in_audio_switches_to_multi_speaker_and_fails(runs: dict[str, Run]) -> None:
+    # pipeline:768-774: split on '+', one speaker per piece, then SAM2 routing.
     r = runs["plus_audio"]
     assert r.rc != 0
-    assert "multi-speaker" in r.stderr
+    assert "multi-speaker" in r.output
     assert not r.save_file.exists()
+
+
+def test_plus_in_a_folder_name_fails_after_the_model_loaded(runs: dict[str, Run]) -> None:
+    r = runs["plus_folder"]
+    assert r.rc != 0 and not r.save_file.exists()
+    assert "No such file or directory" in r.output  # '.../talk' is not a file
+    # late: the pipeline was built and the LoRA loaded before the audio was read
+    assert r.output.index("Creating WanModel") < r.output.index("No such file or directory")
+
+
+def test_image_is_read_without_exif_rotation(runs: dict[str, Run]) -> None:
+    # Image.open(p).convert('RGB') (pipeline:757): the stored 400x240 pixels, not the upright
+    # 240x400 picture, decide the frame size: landscape 384x256 (WxH), not portrait.
+    r = runs["exif"]
+    assert r.rc == 0, r.output
+    rec = r.records()[0]
+    assert (rec["width"], rec["height"]) == (384, 256)
+
+
+def test_five_processes_with_four_steps_save_on_rank_4(runs: dict[str, Run]) -> None:
+    r = runs["tpp4"]
+    assert r.rc == 0, r.output
+    assert r.save_file.is_file() and count_frames(r.save_file) == 24 - 3
+    rec = r.records()[0]
+    assert rec["save_rank"] == 4 and rec["world_size"] == 5
+
+
+def test_five_processes_with_fewer_steps_hang_until_nccl_times_out(runs: dict[str, Run]) -> None:
+    r = runs["tpp2"]
+    assert r.rc != 0 and not r.save_file.exists()
+    assert "Watchdog caught collective operation timeout" in r.output
+
+
+def test_one_gpu_without_offload_fails_at_decode(runs: dict[str, Run]) -> None:
+    r = runs["offload_false"]
+    assert r.rc != 0 and not r.save_file.exists()
+    assert "weight type (CPUBFloat16Type)" in r.output
 
 
 def test_more_than_four_sample_steps_fails(runs: dict[str, Run]) -> None:

@@ -67,6 +67,12 @@ class Engine(ABC):
         """Output width/height are multiples of this."""
         return 16
 
+    def frame_size(self, area: tuple[int, int], src_w: int, src_h: int) -> tuple[int, int]:
+        """(width, height) of the frames for a portrait of src_w x src_h and an area key."""
+        from avatarcli import portrait
+
+        return portrait.output_size(area, src_w / src_h, self.size_multiple())
+
     def check(self, inputs: JobInputs) -> tuple[list[str], list[str]]:
         """(problems, warnings) found before anything starts; problems stop a real run."""
         return [], []

@@ -2,30 +2,46 @@
 
 The launch is built exactly as upstream's infinite_inference_{single,multi}_gpu.sh build it,
 with the traps of liveavatar-contract.md avoided: `--save_file` always set, a LOCAL LoRA
-path (no hub download), one audio file (never `a+b`), `--num_clip` sized for the batch, and
-the output verified and normalised here, since upstream's exit code proves nothing.
+path (no hub download), no '+' in any path (upstream splits `--audio` on it), `--num_clip`
+sized for the batch, the job's prepared portrait (EXIF-rotated, alpha flattened, already at
+the frame size upstream will choose), the audio slice shifted so the lips match the sound, a
+free rendezvous port per launch, and the output verified and normalised here, since
+upstream's exit code proves nothing.
+
+Upstream facts are cited as FILE:LINE of Alibaba-Quark/LiveAvatar at commit 9c2c38d.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
 import os
 import shlex
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from avatarcli import media, procs
+from avatarcli import gpus, media, memory, procs
 from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress, run_model
 from avatarcli.errors import EngineError, InputError
-from avatarcli.gpus import visible as visible_gpus
+from avatarcli.gpus import visible as gpus_visible
 from avatarcli.options import LiveAvatarOptions, Preset
 
 log = logging.getLogger(__name__)
 
 SCRIPT = "minimal_inference/s2v_streaming_interact.py"
-FIRST_CLIP_DROP = 3  # upstream drops 3 frames of clip 0: clips*infer_frames - 3 frames
-BASE_PORT = 29101  # upstream's scripts use 29101 (single) and 29102 (multi)
+# Clip 0 loses its first 3 decoded frames (causal_s2v_pipeline.py:1119 online decode, 1170
+# deferred decode): one launch yields clips*infer_frames - 3 frames.
+FIRST_CLIP_DROP = 3
+# What the launch opens inside --ckpt_dir (wan_s2v_14B_modified.py:12-20; causal_s2v_pipeline.py
+# 119-131 T5 and VAE, 154-162 the DiT through from_pretrained, 175-183 wav2vec2): checked
+# before a launch, so a wrong folder fails in seconds instead of after loading T5.
+CKPT_FILES = ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth", "config.json")
+CKPT_DIRS = ("google/umt5-xxl", "wav2vec2-large-xlsr-53-english")
+CKPT_DIT_GLOB = "diffusion_pytorch_model*.safetensors*"
 NEUTRAL_PROMPT = ("A person speaking naturally to the camera, facing forward, with natural "
                   "facial expressions and subtle head movements, soft even lighting.")
 ENV_VARS = {  # cron-friendly: each setting can come from the environment
@@ -46,7 +62,67 @@ def settings(opts: LiveAvatarOptions) -> dict[str, str]:
         if value == default and os.environ.get(var):
             value = os.environ[var]
         out[key] = value
+    for key in ("ckpt_dir", "lora_path"):  # upstream never expands '~'
+        if out[key].startswith("~"):
+            out[key] = str(Path(out[key]).expanduser())
     return out
+
+
+def frame_size(src_w: int, src_h: int, area: int) -> tuple[int, int]:
+    """(width, height) upstream renders for an image of src_w x src_h and an area key's area.
+
+    Upstream ignores --size for the frame size: get_size_less_than_area (causal_s2v_pipeline.py
+    349-400, called from get_gen_size 587-599) tries 100 scales from the largest down and keeps
+    the first whose sides, each rounded UP to a multiple of 64, fit the area; an image already
+    within the area is never enlarged (scales 1.0 down to 0.1).
+    """
+    pixels = src_w * src_h
+    if pixels <= area:
+        hi, lo = 1.0, 0.1
+    else:  # the scale where padding both sides by 63 px still fits, and the unpadded one
+        pad = 63
+        a, b, c = pixels, pad * (src_w + src_h), pad * pad - area
+        lo = (-b + math.sqrt(b * b - 2 * a * c)) / (2 * a)
+        hi = math.sqrt(area / pixels)
+    for i in range(100):
+        scale = hi - (hi - lo) * i / 100
+        w, h = -(-int(src_w * scale) // 64) * 64, -(-int(src_h * scale) // 64) * 64
+        if w * h <= area:
+            return w, h
+    # Upstream's fallback (never reached for the 12 area keys and images of >= 64 px a side).
+    aspect = src_w / src_h
+    w, h = int(math.sqrt(area * aspect)) // 64 * 64, int(math.sqrt(area / aspect)) // 64 * 64
+    return max(64, w), max(64, h)
+
+
+@contextlib.contextmanager
+def plus_free(folder: Path, tag: str) -> Iterator[Path]:
+    """`folder`, or while the block runs a symlink to it whose path holds no '+'.
+
+    Upstream splits --audio on '+' anywhere in the path and switches to its multi-speaker mode,
+    which crashes after the model has loaded (causal_s2v_pipeline.py:768-769;
+    s2v_streaming_interact.py:542-543). Job folders sit beside the user's output, whatever it
+    is named, so every path we pass goes through a '+'-free link when needed.
+    """
+    if "+" not in str(folder):
+        yield folder
+        return
+    base = Path(tempfile.gettempdir())
+    if "+" in str(base):
+        base = Path("/tmp")
+    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    link = base / f"avatarcli-{digest}-{tag}-{os.getpid()}"
+    try:
+        link.unlink(missing_ok=True)
+        link.symlink_to(folder, target_is_directory=True)
+    except OSError as exc:
+        raise EngineError(f"{folder}: holds '+', which upstream would split, and a link "
+                          f"without it cannot be made in {base}: {exc}") from exc
+    try:
+        yield link
+    finally:
+        with contextlib.suppress(OSError):
+            link.unlink()
 
 
 def launch_clips(frames: int, infer_frames: int) -> int:
@@ -65,6 +141,9 @@ class LiveAvatarEngine(Engine):
     def size_multiple(self) -> int:
         return 64  # upstream rounds width and height to multiples of 64
 
+    def frame_size(self, area: tuple[int, int], src_w: int, src_h: int) -> tuple[int, int]:
+        return frame_size(src_w, src_h, area[0] * area[1])
+
     @property
     def repo(self) -> Path:
         return Path(self.conf["repo"]).expanduser()
@@ -74,17 +153,24 @@ class LiveAvatarEngine(Engine):
         return p if p.is_absolute() else self.repo / p
 
     def check(self, inputs: JobInputs) -> tuple[list[str], list[str]]:
-        """(problems, warnings) found before anything is launched."""
-        problems, warnings = [], []
+        """(problems, warnings) found before anything is launched: the set-up, then what this
+        run needs of this machine (fp8-capable GPUs, host RAM for a batch)."""
+        problems, warnings = self.check_setup()
+        problems += self._check_fp8()
+        problems += self._check_host_memory(inputs)
+        return problems, warnings
+
+    def check_setup(self) -> tuple[list[str], list[str]]:
+        """(problems, warnings) of the installation and the preset alone (for `avatar doctor`)."""
+        problems: list[str] = []
+        warnings: list[str] = []
         if not self.conf["repo"]:
             problems.append("liveavatar.repo is not set (preset key, --set liveavatar.repo=DIR "
                             f"or ${ENV_VARS['repo']})")
         elif not (self.repo / SCRIPT).is_file():
             problems.append(f"{self.repo}: not a LiveAvatar checkout ({SCRIPT} not found)")
         else:
-            if not self._in_repo(self.conf["ckpt_dir"]).is_dir():
-                problems.append(f"{self._in_repo(self.conf['ckpt_dir'])}: checkpoint directory "
-                                f"not found (liveavatar.ckpt_dir)")
+            problems += self._check_checkpoints()
             if not self._in_repo(self.opts.training_config).is_file():
                 problems.append(f"{self._in_repo(self.opts.training_config)}: training config "
                                 f"not found (liveavatar.training_config)")
@@ -104,7 +190,46 @@ class LiveAvatarEngine(Engine):
         if self.preset.infer_frames % 12:
             warnings.append(f"infer_frames={self.preset.infer_frames} is not a multiple of 12; "
                             f"upstream denoises blocks of 3 latent frames (48 is the safe value)")
+        warnings += memory.rung_warnings(self.preset)
         return problems, warnings
+
+    def _check_checkpoints(self) -> list[str]:
+        ckpt = self._in_repo(self.conf["ckpt_dir"])
+        if not ckpt.is_dir():
+            return [f"{ckpt}: checkpoint directory not found (liveavatar.ckpt_dir)"]
+        missing = [n for n in CKPT_FILES if not (ckpt / n).is_file()]
+        missing += [n + "/" for n in CKPT_DIRS if not (ckpt / n).is_dir()]
+        if not any(ckpt.glob(CKPT_DIT_GLOB)):
+            missing.append(CKPT_DIT_GLOB)
+        if missing:
+            return [f"{ckpt}: not a Wan2.2-S2V-14B checkpoint folder (liveavatar.ckpt_dir): "
+                    f"missing {', '.join(missing)}"]
+        return []
+
+    def _check_fp8(self) -> list[str]:
+        """fp8 needs compute capability 8.9+; upstream only tests hasattr(torch, "_scaled_mm")
+        (s2v_streaming_interact.py:484-485), true on an A100, which then fails at the first
+        forward. Checked when GPUs can be seen; without any, the launch finds out."""
+        if not self.opts.fp8:
+            return []
+        ids = set(gpus.visible())
+        slow = [g for g in gpus.facts() if (not ids or g.index in ids)
+                and g.compute_capability is not None and not gpus.fp8_capable(g.compute_capability)]
+        return [f"GPU {g.index} ({g.name}) has compute capability "
+                f"{g.compute_capability[0]}.{g.compute_capability[1]}; liveavatar.fp8 needs 8.9+ "
+                f"(Ada/Hopper): use --set liveavatar.fp8=false or another GPU"
+                for g in slow if g.compute_capability is not None]
+
+    def _check_host_memory(self, inputs: JobInputs) -> list[str]:
+        """The launch's host RAM (memory.host_estimate) against this machine's."""
+        est = memory.host_estimate(self.preset, total_gb=gpus.host_memory_gb(),
+                                   width=inputs.width, height=inputs.height)
+        if est.fits:
+            return []
+        big = ", ".join(f"{k} {v:.1f}" for k, v in est.components.items())
+        return [f"one launch needs about {est.peak_gb:.0f} GB of host RAM ({big} GB) and this "
+                f"machine has {est.total_gb:.0f} GB: turn liveavatar.offload_kv_cache off, lower "
+                f"clips_per_batch, or set {gpus.HOST_MEM_ENV} if the estimate is wrong here"]
 
     def prompt(self, inputs: JobInputs) -> str:
         """--prompt/preset prompt, else a .txt beside the portrait, else a neutral prompt."""
@@ -124,15 +249,15 @@ class LiveAvatarEngine(Engine):
     def slots(self, jobs: int, gpus: str | None) -> list[dict[str, str]]:
         """One slot per launch that may run at once: a GPU each, or 5 GPUs for one launch."""
         per_run = self.opts.gpus_per_run
-        gpu_ids = visible_gpus(gpus)
+        gpu_ids = gpus_visible(gpus)
         if not gpu_ids:
             gpu_ids = [str(i) for i in range(per_run)]  # let the launch find out, one at a time
         if len(gpu_ids) < per_run:
             raise InputError(f"this preset needs {per_run} GPUs per launch; "
                              f"{len(gpu_ids)} visible ({','.join(gpu_ids)})")
         groups = [gpu_ids[i:i + per_run] for i in range(0, len(gpu_ids) - per_run + 1, per_run)]
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(g), "MASTER_PORT": str(BASE_PORT + i)}
-                for i, g in enumerate(groups)]
+        # No MASTER_PORT: each launch asks for a free one (see command()).
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(g)} for g in groups]
 
     def audio_slice(self, task: PartTask) -> Path:
         return task.inputs.job_dir / "audio" / f"batch-{task.batch.index:04d}.wav"
@@ -140,11 +265,32 @@ class LiveAvatarEngine(Engine):
     def raw_output(self, task: PartTask) -> Path:
         return task.inputs.job_dir / "raw" / f"batch-{task.batch.index:04d}.mp4"
 
-    def command(self, task: PartTask) -> tuple[list[str], dict[str, str]]:
-        """The launch's argument list and its extra environment."""
+    def slice_window(self, task: PartTask) -> tuple[float, float]:
+        """(start_s, duration_s) of the batch's audio slice in the original recording.
+
+        Output frame n of a launch is generated from audio frame n + shift of its slice
+        (FIRST_CLIP_DROP frames dropped from clip 0, audio indexed from 0: see
+        LiveAvatarOptions.audio_shift_frames), so the slice starts `shift` frames before the
+        batch (silence before the recording for batch 0) and frame n matches the muxed sound.
+        It holds exactly the clips the launch renders, silence-padded past the recording.
+        """
+        fps, b = task.inputs.fps, task.batch
+        clips = launch_clips(b.frames, self.preset.infer_frames)
+        start = (b.frame_start - self.opts.audio_shift_frames) / fps
+        return start, clips * self.preset.infer_frames / fps
+
+    def command(self, task: PartTask, *, job_dir: Path | None = None,
+                port: str | None = None) -> tuple[list[str], dict[str, str]]:
+        """The launch's argument list and its extra environment.
+
+        job_dir: the job folder as the launch should see it (a '+'-free link, see plus_free);
+        port: the torchrun rendezvous port (default: the slot's, else a free one).
+        """
         p, o = self.preset, self.opts
         multi = o.gpus_per_run > 1
-        port = task.env.get("MASTER_PORT", str(BASE_PORT))
+        jd = job_dir or task.inputs.job_dir
+        inside = lambda path: str(jd / path.relative_to(task.inputs.job_dir))  # noqa: E731
+        port = port or task.env.get("MASTER_PORT") or str(procs.free_port())
         cmd = [
             self.conf["torchrun"], f"--nproc_per_node={o.gpus_per_run}", f"--master_port={port}",
             SCRIPT,
@@ -152,12 +298,14 @@ class LiveAvatarEngine(Engine):
             "--task", "s2v-14B",
             "--size", p.size,
             "--base_seed", str(p.seed),
-            "--training_config", o.training_config,
-            "--offload_model", "True" if p.offload and not multi else "False",
+            "--training_config", str(Path(o.training_config).expanduser()),
+            # One GPU always offloads (presets refuse false); 5 GPUs never do, as upstream.
+            "--offload_model", "False" if multi else "True",
             "--convert_model_dtype",
             "--prompt", task.engine_state.get("prompt") or self.prompt(task.inputs),
-            "--image", str(task.inputs.image),
-            "--audio", str(self.audio_slice(task)),
+            # The prepared portrait: upright, flattened, at the planned frame size.
+            "--image", inside(task.inputs.portrait),
+            "--audio", inside(self.audio_slice(task)),
             "--infer_frames", str(p.infer_frames),
             "--load_lora",
             "--lora_path_dmd", str(self._in_repo(self.conf["lora_path"])),
@@ -171,7 +319,7 @@ class LiveAvatarEngine(Engine):
             *(["--fp8"] if o.fp8 else []),
             *(["--enable_online_decode"] if p.online_decode else []),
             *(["--offload_kv_cache"] if o.offload_kv_cache else []),
-            "--save_file", str(self.raw_output(task)),
+            "--save_file", inside(self.raw_output(task)),
             *o.extra_args,
         ]
         env = {"ENABLE_COMPILE": "true", "NCCL_DEBUG": "WARN", **o.env}
@@ -185,18 +333,17 @@ class LiveAvatarEngine(Engine):
         return f"cd {shlex.quote(str(self.repo))} && {assigns} {shlex.join(cmd)}"
 
     def render(self, task: PartTask, progress: Progress) -> None:
-        b, inp, p = task.batch, task.inputs, self.preset
-        clips = launch_clips(b.frames, p.infer_frames)
+        b, inp = task.batch, task.inputs
         wav, raw = self.audio_slice(task), self.raw_output(task)
         wav.parent.mkdir(parents=True, exist_ok=True)
         raw.parent.mkdir(parents=True, exist_ok=True)
         raw.unlink(missing_ok=True)
-        # Exactly the audio the clips need, silence-padded past the end of the recording.
-        media.slice_audio(inp.audio, wav, start_s=b.start_s(inp.fps),
-                          duration_s=clips * p.infer_frames / inp.fps)
-        cmd, env = self.command(task)
-        log.info("launch: cd %s && %s", shlex.quote(str(self.repo)), shlex.join(cmd))
-        run_model(cmd, cwd=self.repo, env=env, label=f"batch {b.index}: LiveAvatar")
+        start_s, duration_s = self.slice_window(task)
+        media.slice_audio(inp.audio, wav, start_s=start_s, duration_s=duration_s)
+        with plus_free(inp.job_dir, f"{b.index:04d}") as job_dir:
+            cmd, env = self.command(task, job_dir=job_dir)
+            log.info("launch: cd %s && %s", shlex.quote(str(self.repo)), shlex.join(cmd))
+            run_model(cmd, cwd=self.repo, env=env, label=f"batch {b.index}: LiveAvatar")
         if not raw.is_file() or raw.stat().st_size == 0:
             raise EngineError(f"batch {b.index}: LiveAvatar exited 0 but wrote no video "
                               f"({raw}); it only logs save errors")
@@ -208,6 +355,8 @@ class LiveAvatarEngine(Engine):
             raise EngineError(f"batch {b.index}: {raw} has {got} frames, expected at least "
                               f"{b.frames}")
         progress(b.frames - 1)
+        # The first b.frames frames are the batch (frame n matches audio frame n): the surplus
+        # of the last clip is cut at the end, never at the start.
         media.normalise(raw, task.out, frames=b.frames, width=inp.width, height=inp.height,
                         fps=inp.fps)
         progress(b.frames)

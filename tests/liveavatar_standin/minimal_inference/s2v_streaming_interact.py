@@ -7,6 +7,9 @@ writes a cheap synthetic video with the frame count, frame size, frame rate and 
 the real code would produce. See ../README.md for the simulated modes and environment.
 
 This file is independent code written for avatarcli's tests; it shares no code with upstream.
+Each behaviour it mimics names the upstream FILE:LINE it follows (Alibaba-Quark/LiveAvatar at
+commit 9c2c38d; "pipeline" is liveavatar/models/wan/causal_s2v_pipeline.py, "tpp" is
+liveavatar/models/wan/causal_s2v_pipeline_tpp.py, "script" is this file's upstream twin).
 """
 
 from __future__ import annotations
@@ -59,8 +62,15 @@ CFG_FRAME_NUM = 81
 SAMPLE_FPS = 25  # LiveAvatar's shared config (Wan2.2 itself uses 16)
 AUDIO_FEATURE_FPS = 30  # the audio encoder resamples wav2vec features to 30 per second
 MOTION_FRAMES = 73
-FIRST_CLIP_DROP = 3  # clip 0 loses its first 3 decoded frames
-KV_CACHE_STEPS = 4  # one rolling KV cache per sampling step, four of them
+# Clip 0 loses its first 3 decoded frames (pipeline:1119, 1170) while clip r is denoised
+# against audio frames r*F .. r*F+F-1 (pipeline:1000-1005): output frame n is generated from
+# audio frame n+3 of the file it was given. The synthetic frames below carry that loudness.
+FIRST_CLIP_DROP = 3
+KV_CACHE_STEPS = 4  # one rolling KV cache per sampling step, four of them (pipeline:981-988)
+# What WanS2V opens inside --ckpt_dir, in the order it opens them (pipeline:119-131 T5 and its
+# tokenizer, the VAE; 154-162 the DiT's config and shards; 175-183 wav2vec2).
+CKPT_OPENED = ("models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl", "Wan2.1_VAE.pth",
+               "config.json", "wav2vec2-large-xlsr-53-english")
 DIT_GPUS_MULTI = 4  # the TPP pipeline: 4 DiT ranks + 1 VAE rank
 MIN_WORLD_MULTI = 5
 
@@ -69,12 +79,15 @@ EXAMPLE_IMAGE = "examples/boy.jpg"
 EXAMPLE_AUDIO = "examples/boy.wav"
 
 MODES = ("success", "oom", "crash", "nofile", "short", "noaudio", "hang")
+# NCCL's default collective timeout (torch.distributed, 10 minutes); the stand-in's is shorter
+# when LIVEAVATAR_STANDIN_NCCL_TIMEOUT says so.
+NCCL_TIMEOUT_S = 600.0
 ENV_RECORDED = (
     "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
     "LOCAL_WORLD_SIZE", "ENABLE_COMPILE", "NCCL_DEBUG", "NCCL_DEBUG_SUBSYS",
     "PYTORCH_CUDA_ALLOC_CONF", "OMP_NUM_THREADS", "HF_HUB_OFFLINE",
     "LIVEAVATAR_STANDIN_MODE", "LIVEAVATAR_STANDIN_OOM_UNTIL", "LIVEAVATAR_STANDIN_DELAY",
-    "LIVEAVATAR_STANDIN_GPUS",
+    "LIVEAVATAR_STANDIN_GPUS", "LIVEAVATAR_STANDIN_NCCL_TIMEOUT",
 )
 
 OOM_MESSAGE = (
@@ -187,14 +200,11 @@ def validate(args: argparse.Namespace) -> None:
         args.base_seed = random.randint(0, sys.maxsize)
 
 
-def refuse_multi_speaker(audio: str | None) -> None:
-    """Upstream treats any '+' in --audio as 'a.wav+b.wav': the multi-speaker path (SAM2
-    routing, merged audio). avatarcli must never produce that, so the stand-in fails loudly."""
-    if audio is not None and "+" in audio:
-        raise StandinRefusal(
-            f"LIVEAVATAR STAND-IN: --audio {audio!r} contains '+': upstream splits it into "
-            f"{audio.split('+')!r} and switches to the multi-speaker pipeline. "
-            "avatarcli must never pass a path containing '+'.")
+def split_speakers(audio: str) -> list[str]:
+    """Upstream treats any '+' in --audio as 'a.wav+b.wav' (pipeline:768-769, after the model
+    has loaded; script:542-543 again at save): each piece is encoded as its own speaker, then
+    SAM2 routes the speakers. A path holding '+' (a folder name too) thus fails late."""
+    return audio.split("+") if "+" in audio else [audio]
 
 
 def read_training_config(path: str | None) -> dict[str, Any]:
@@ -219,7 +229,7 @@ def _ceil64(n: int) -> int:
 def output_size(img_h: int, img_w: int, area: int) -> tuple[int, int]:
     """(height, width) of the generated video for an image of img_h x img_w and an area key.
 
-    Same arithmetic as the real pipeline: try 100 scales from the largest that fits the area
+    Same arithmetic as the real pipeline's get_size_less_than_area (pipeline:349-400): try 100 scales from the largest that fits the area
     down to one that leaves room for padding, scale, round each side UP to a multiple of 64,
     and keep the first whose padded area fits.
     """
@@ -247,7 +257,8 @@ def output_size(img_h: int, img_w: int, area: int) -> tuple[int, int]:
 
 
 def fit_reference(image: Any, height: int, width: int) -> np.ndarray:
-    """Scale the short side to min(height, width), then centre-crop (zero-pad) to the frame."""
+    """Scale the short side to min(height, width), then centre-crop (zero-pad) to the frame:
+    transforms.Resize(min(H, W)) then CenterCrop((H, W)) (pipeline:752-753, 884)."""
     from PIL import Image
 
     short = min(height, width)
@@ -443,10 +454,10 @@ class FakeS2V:
     def __init__(self, args: argparse.Namespace, launch: Launch) -> None:
         self.args, self.launch = args, launch
         ckpt = args.ckpt_dir
-        if not os.path.isdir(ckpt):
-            raise FileNotFoundError(
-                f"[Errno 2] No such file or directory: "
-                f"'{os.path.join(ckpt, 'models_t5_umt5-xxl-enc-bf16.pth')}'")
+        for name in CKPT_OPENED:  # the first missing one fails, as upstream's loaders do
+            if not os.path.exists(os.path.join(ckpt, name)):
+                raise FileNotFoundError(
+                    f"[Errno 2] No such file or directory: '{os.path.join(ckpt, name)}'")
         log.info("Creating WanModel from %s", ckpt)
 
     def load_lora(self, path: str, settings: dict[str, Any]) -> None:
@@ -472,8 +483,15 @@ class FakeS2V:
         from PIL import Image
 
         args = self.args
+        # get_gen_size (pipeline:587-599) on Image.open(...).convert('RGB'): no EXIF transpose.
         height, width = output_size(*self.image_hw(), area_of(args.size))
-        audio = read_audio(args.audio)
+        speakers = split_speakers(args.audio)
+        audios = [read_audio(path) for path in speakers]  # encode_audio per piece (pipeline:773-774)
+        if len(audios) > 1:
+            raise NotImplementedError(
+                f"stand-in: multi-speaker audio {speakers!r} needs SAM2 routing (pipeline:786-800),"
+                f" which is not simulated")
+        audio = audios[0]
         if args.sample_solver != "euler":
             raise NotImplementedError("Unsupported solver.")
         clips = available_clips(audio.samples16k, args.infer_frames)
@@ -496,15 +514,37 @@ class FakeS2V:
             caches = {str(i + 1): None for i in range(KV_CACHE_STEPS)}
             for step in range(args.sample_steps):
                 _ = caches[str(step + 1)]  # KeyError: '5', as upstream
+        if self.launch.world_size > 1 and args.sample_steps != KV_CACHE_STEPS:
+            self._tpp_wait_forever()
         delay = _env_float("LIVEAVATAR_STANDIN_DELAY", 0.0)
         if delay > 0:
             time.sleep(delay)
+        if self.launch.world_size == 1 and not args.offload_model:
+            # One GPU: the VAE was sent to the CPU for denoising (init_on_cpu; pipeline:961-965)
+            # and only comes back with offload_model (pipeline:1146-1153): the deferred decode
+            # feeds it CUDA latents (pipeline:1158-1161) after all the denoising.
+            raise RuntimeError(
+                "Input type (CUDABFloat16Type) and weight type (CPUBFloat16Type) should be the "
+                "same or input should be a MKLDNN tensor and weight is a dense tensor")
         if clips <= 0:
             raise RuntimeError("torch.cat(): expected a non-empty list of Tensors")
         if args.infer_frames <= FIRST_CLIP_DROP:
             raise RuntimeError(f"infer_frames={args.infer_frames} leaves no frames")
         self.reference = fit_reference(Image.open(args.image).convert("RGB"), height, width)
         return clips, clips * args.infer_frames - FIRST_CLIP_DROP, height, width, audio
+
+    def _tpp_wait_forever(self) -> None:
+        """TPP: DiT rank i runs only step i, receiving from rank i-1 and sending to i+1, and
+        the VAE rank receives from rank 3 (tpp:1041, 1061-1093, 1095-1098). With fewer than 4
+        steps some rank waits for a send that never comes until NCCL's watchdog gives up."""
+        timeout = _env_float("LIVEAVATAR_STANDIN_NCCL_TIMEOUT", NCCL_TIMEOUT_S)
+        log.info("stand-in: rank %d waits in dist.recv (sample_steps=%d, 4 DiT ranks)",
+                 self.launch.rank, self.args.sample_steps)
+        time.sleep(timeout)
+        raise RuntimeError(
+            f"[Rank {self.launch.rank}] Watchdog caught collective operation timeout: "
+            f"WorkNCCL(OpType=RECV, Timeout(ms)={int(timeout * 1000)}) ran for "
+            f"{int(timeout * 1000)} milliseconds before timing out.")
 
     def image_hw(self) -> tuple[int, int]:
         from PIL import Image
@@ -711,6 +751,7 @@ def save(args: argparse.Namespace, model: FakeS2V, mode: str, clips: int, frames
     if mode == "nofile":  # a save error swallowed after logging success-looking lines
         log.info("Merge completed, saved to %s", args.save_file)
         return
+    # Output frame n carries the loudness of audio frame n + 3 (see FIRST_CLIP_DROP).
     save_video(args.save_file,
                synthetic_frames(model.reference, written, args.infer_frames,
                                 audio.rms_per_frame[FIRST_CLIP_DROP:]),
@@ -752,7 +793,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         args = build_parser().parse_args(argv)
-        refuse_multi_speaker(args.audio)
         validate(args)
         settings = read_training_config(args.training_config)  # relative to cwd
         launch.mode = choose_mode(record) if rank == 0 else "success"
