@@ -400,6 +400,8 @@ def plan_cmd(
                                              help="GPUs per launch [default: the preset's].")] = None,
     gpu_mem: Annotated[float | None, typer.Option("--gpu-mem", metavar="GB", min=1,
                                                   help="Memory of one card [default: the smallest visible].")] = None,
+    host_mem: Annotated[float | None, typer.Option("--host-mem", metavar="GB", min=1,
+                                                   help="Host RAM [default: this machine's].")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Estimate a preset's peak GPU memory per card; with AUDIO, the batch plan and time."""
@@ -413,7 +415,8 @@ def plan_cmd(
         raise InputError(f"{audio}: audio file not found")
     seen = history.seen(resolved.preset, facts[0].name if facts else None)
     result = fit.memory_plan(resolved, gpus=gpus, gpu_mem_gb=gpu_mem, facts=facts, audio=audio,
-                             seen=seen)
+                             seen=seen, host_mem_gb=host_mem if host_mem is not None
+                             else gpu_info.host_memory_gb())
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=1))
         return
@@ -423,6 +426,9 @@ def plan_cmd(
     else:
         typer.echo(f"  on {result.gpus} x {result.gpu_mem_gb:g} GB:")
         for line in result.estimate.lines():
+            typer.echo(f"  {line}")
+    if result.host is not None:
+        for line in result.host.lines():
             typer.echo(f"  {line}")
     if seen:
         peak = seen.get("peak_gpu_gb")
@@ -437,7 +443,7 @@ def plan_cmd(
         if result.est_seconds is not None:
             typer.echo(f"  estimated time: {result.est_seconds / 60:.1f} min at "
                        f"{seen['fps']} frames/s")
-    if result.estimate is not None and not result.estimate.fits:
+    if not result.fits:
         raise typer.Exit(1)
 
 

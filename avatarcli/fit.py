@@ -26,6 +26,12 @@ class MemoryPlan:
     duration_s: float = 0.0
     seen: dict[str, Any] = field(default_factory=dict)  # measured on this GPU model before
     est_seconds: float | None = None
+    host: memory.HostEstimate | None = None  # host RAM of one launch (model engines)
+
+    @property
+    def fits(self) -> bool:
+        return ((self.estimate is None or self.estimate.fits)
+                and (self.host is None or self.host.fits))
 
     def to_dict(self) -> dict[str, Any]:
         est = self.estimate
@@ -34,7 +40,14 @@ class MemoryPlan:
             "gpu_mem_gb": self.gpu_mem_gb,
             "per_gpu_peak_gb": round(est.per_gpu_peak_gb, 2) if est else None,
             "usable_gb": round(est.usable_gb, 2) if est else None,
-            "fits": est.fits if est else True,
+            "fits": self.fits,
+            "gpu_fits": est.fits if est else True,
+            "host_peak_gb": round(self.host.peak_gb, 2) if self.host else None,
+            "host_mem_gb": (round(self.host.total_gb, 2) if self.host and self.host.total_gb
+                            else None),
+            "host_fits": self.host.fits if self.host else True,
+            "host_components": ({k: round(v, 2) for k, v in self.host.components.items()}
+                                if self.host else {}),
             "headroom_gb": round(est.headroom_gb, 2) if est else None,
             "components": {k: round(v, 2) for k, v in est.components.items()} if est else {},
             "peak_phase": est.peak_phase if est else None,
@@ -46,7 +59,8 @@ class MemoryPlan:
 
 def memory_plan(resolved: presets.ResolvedPreset, *, gpus: int | None, gpu_mem_gb: float | None,
                 facts: list[GpuFact], audio: Path | None = None,
-                seen: dict[str, Any] | None = None) -> MemoryPlan:
+                seen: dict[str, Any] | None = None,
+                host_mem_gb: float | None = None) -> MemoryPlan:
     """The per-GPU memory estimate of a preset, and with AUDIO the batch plan."""
     p = resolved.preset
     count = gpus or (p.liveavatar.gpus_per_run if p.engine == "liveavatar" else len(facts))
@@ -60,6 +74,8 @@ def memory_plan(resolved: presets.ResolvedPreset, *, gpus: int | None, gpu_mem_g
                              f"with 2-4 GPUs use a 1-GPU preset, one batch per GPU")
         est = memory.estimate(p, gpus=count, gpu_mem_gb=mem)
     result = MemoryPlan(resolved.name, p.engine, count, mem or 0.0, est, seen=seen or {})
+    if p.engine == "liveavatar":
+        result.host = memory.host_estimate(p, total_gb=host_mem_gb)
     if audio is not None:
         feats = analysis.analyse(audio, p.fps)
         if feats.frames == 0:

@@ -653,11 +653,11 @@ def host_estimate(preset: Preset, *, total_gb: float | None, width: int | None =
     comps: dict[str, float] = {"process": PROCESS_HOST_GB}
     notes: list[str] = []
     if not multi:  # with --offload_model the encoders wait on the CPU while the DiT works
-        comps["text_encoder"] = 0.0 if "--t5_cpu" in opts.extra_args else text_encoder_gb()
+        comps["text_encoder"] = text_encoder_gb()
         comps["audio_encoder"] = audio_encoder_gb()
         comps["vae_weights"] = vae_weights_gb()
-        if "--t5_cpu" in opts.extra_args:
-            comps["text_encoder"] = text_encoder_gb()  # on the CPU for good
+    elif "--t5_cpu" in opts.extra_args:
+        comps["text_encoder"] = text_encoder_gb()  # each rank keeps its T5 on the CPU
     if opts.offload_kv_cache and not multi:
         # _initialize_kv_cache: each of the 4 per-step caches gets its own cond cache on the
         # CPU (causal_s2v_pipeline.py:606-622), copied to the GPU and back every step.

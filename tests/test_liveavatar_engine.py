@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,8 @@ def test_dry_run_prints_commands_ready_to_paste(media: dict[str, Path], tmp_path
     commands = [b["command"] for b in json.loads(run.stdout)["plan"]]
     assert commands[0].startswith(f"cd {STANDIN} && ")
     assert "CUDA_VISIBLE_DEVICES=2 " in commands[0] and "CUDA_VISIBLE_DEVICES=3 " in commands[1]
-    assert "--master_port=29101" in commands[0] and "--master_port=29102" in commands[1]
+    # a free rendezvous port per launch, never a fixed one two runs on a host would share
+    assert all(re.search(r"--master_port=\d{4,5} ", c) for c in commands)
     assert "--prompt 'She'\"'\"'s talking'" in commands[0]
     assert not (tmp_path / "t.mp4.parts").exists()
 
@@ -127,7 +129,11 @@ def test_dry_run_prints_commands_ready_to_paste(media: dict[str, Path], tmp_path
     (["--set", "liveavatar.repo=/nonexistent/LiveAvatar"], "not a LiveAvatar checkout"),
     (["--set", "size=512*512"], "one of LiveAvatar's area keys"),
     (["--set", "sample_steps=5"], "sample_steps must be within [1, 4]"),
-    (["--set", "liveavatar.gpus_per_run=5", "--gpus", "0,1"], "needs 5 GPUs per launch"),
+    (["--set", "liveavatar.gpus_per_run=5", "--set", "sample_steps=4", "--gpus", "0,1"],
+     "needs 5 GPUs per launch"),
+    (["--set", "liveavatar.gpus_per_run=5", "--gpus", "0,1,2,3,4"], "must be exactly 4 with 5"),
+    (["--set", "offload=false"], "offload must be true for LiveAvatar on one GPU"),
+    (["--set", "liveavatar.ckpt_dir=liveavatar/configs"], "not a Wan2.2-S2V-14B checkpoint"),
     (["--set", "liveavatar.torchrun=/nonexistent/torchrun"], "torchrun not found"),
 ])
 def test_rules_are_checked_before_launch(media: dict[str, Path], tmp_path: Path, lora: Path,
@@ -138,6 +144,16 @@ def test_rules_are_checked_before_launch(media: dict[str, Path], tmp_path: Path,
     assert run.returncode == 2, run.stderr
     assert message in run.stderr
     assert launches(record) == [] and not (tmp_path / "t.mp4.parts").exists()
+
+
+def test_host_ram_short_of_the_estimate_is_refused(media: dict[str, Path], tmp_path: Path,
+                                                   lora: Path) -> None:
+    record = tmp_path / "record"
+    record.mkdir()
+    run = gen(media, tmp_path / "t.mp4", lora, record=record,
+              env={"AVATARCLI_HOST_MEM_GB": "16"})  # liveavatar-24gb's KV caches want ~28 GB
+    assert run.returncode == 2 and "GB of host RAM" in run.stderr
+    assert launches(record) == []
 
 
 def test_lora_folder_is_refused(media: dict[str, Path], tmp_path: Path, lora: Path) -> None:
