@@ -24,6 +24,7 @@ import yaml
 from avatarcli import presets
 from avatarcli.errors import AvatarError, BusyError, InputError
 from avatarcli.pipeline import Events, default_output, generate, output_is_current
+from avatarcli.resident import ResidentPool
 from avatarcli.runner import Executor, cancel_all
 
 COLUMNS = ("audio", "image", "output", "preset", "prompt", "set")
@@ -189,31 +190,38 @@ def run_batch(rows: list[Row], *, redo: bool = False, jobs: int = 1, gpus: str |
     """
     events = events or Events()
     lock = threading.Lock()
+    # Rows whose settings load the same model share resident workers (one load for many rows).
+    workers = ResidentPool() if executor is None else None
 
     def one(row: Row) -> RowResult:
         started = time.monotonic()
         result = _one(row, redo=redo, jobs=jobs, gpus=gpus, keep_parts=keep_parts,
-                      events=row_events(row) if row_events else events, executor=executor)
+                      events=row_events(row) if row_events else events, executor=executor,
+                      pool=workers)
         result.seconds = round(time.monotonic() - started, 2)
         if on_result is not None:
             with lock:
                 on_result(result)
         return result
 
-    if rows_at_once <= 1:
-        return [one(row) for row in rows]
-    pool = ThreadPoolExecutor(max_workers=rows_at_once, thread_name_prefix="row")
     try:
-        return list(pool.map(one, rows))
-    except BaseException:  # a signal: stop every row's batches, not only this thread's
-        cancel_all()
-        raise
+        if rows_at_once <= 1:
+            return [one(row) for row in rows]
+        pool = ThreadPoolExecutor(max_workers=rows_at_once, thread_name_prefix="row")
+        try:
+            return list(pool.map(one, rows))
+        except BaseException:  # a signal: stop every row's batches, not only this thread's
+            cancel_all()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if workers is not None:
+            workers.close()
 
 
 def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
-         events: Events, executor: Executor | None) -> RowResult:
+         events: Events, executor: Executor | None, pool: ResidentPool | None) -> RowResult:
     out = str(row.output)
     if row.problem is not None or row.resolved is None:
         return RowResult(row.where, out, "failed", row.problem or "invalid row", 2)
@@ -224,7 +232,8 @@ def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
                          "settings (use --redo to render it again)", 2)
     try:
         generate(row.audio, row.image, row.resolved, output=row.output, jobs=jobs, gpus=gpus,
-                 force=redo, keep_parts=keep_parts, events=events, executor=executor)
+                 force=redo, keep_parts=keep_parts, events=events, executor=executor,
+                 pool=pool)
     except BusyError as exc:
         return RowResult(row.where, out, "busy", str(exc), exc.exit_code)
     except AvatarError as exc:

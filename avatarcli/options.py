@@ -95,6 +95,21 @@ class CommandOptions:
 
 
 @dataclass(frozen=True)
+class WorkerOptions:
+    """Resident model workers: one process loads the model once and renders batch after batch
+    (engines that opt in: LiveAvatar on one GPU). It is replaced before its memory builds up."""
+
+    # Batches one worker renders before it is replaced; 1 = a fresh process per batch.
+    max_batches: int = knob(20, bounds=(1, 10000), help="batches per worker")
+    # Replace the worker when its host RSS after a batch exceeds its RSS after the first by this.
+    rss_growth_mb: float = knob(4096.0, bounds=(1.0, 1e7), help="host RSS growth bound (MiB)")
+    # Replace it when its reserved GPU memory grows past this over its level after the first batch.
+    gpu_growth_gb: float = knob(2.0, bounds=(0.01, 1e4), help="reserved GPU growth bound (GiB)")
+    # Stop a worker that waited this long for its next batch (between rows of `avatar batch`).
+    idle_s: float = knob(300.0, bounds=(0.0, 86400.0), help="idle seconds before it stops")
+
+
+@dataclass(frozen=True)
 class Preset:
     """A fully resolved preset. Field defaults are the values no preset overrides."""
 
@@ -127,6 +142,7 @@ class Preset:
     builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
     liveavatar: LiveAvatarOptions = field(default_factory=LiveAvatarOptions)
     command: CommandOptions = field(default_factory=CommandOptions)
+    worker: WorkerOptions = field(default_factory=WorkerOptions)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,10 +152,11 @@ SECTIONS: dict[str, type] = {
     "builtin": BuiltinOptions,
     "liveavatar": LiveAvatarOptions,
     "command": CommandOptions,
+    "worker": WorkerOptions,
 }
 
 # Keys whose change does not change a single rendered pixel: a job survives them.
-NON_RENDERING_KEYS = frozenset({"description", "cooldown_s"})
+NON_RENDERING_KEYS = frozenset({"description", "cooldown_s", "worker"})
 # Keys a retry rung may change: per-launch settings, never the plan or the output's identity.
 RUNG_FORBIDDEN_KEYS = frozenset({"engine", "fps", "seed", "clips_per_batch", "oom_retry",
                                  "description", "cooldown_s"})

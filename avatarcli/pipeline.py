@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from avatarcli import analysis, engines, history, media, portrait
+from avatarcli import analysis, engines, history, media, portrait, presets
 from avatarcli.assemble import assemble
 from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, InputError
@@ -26,7 +26,8 @@ from avatarcli.job import JobDir, JobLock, file_digest, job_key, now
 from avatarcli.options import NON_RENDERING_KEYS, Preset
 from avatarcli.plan import Plan, make_plan
 from avatarcli.presets import ResolvedPreset, parse_size
-from avatarcli.runner import BatchResult, Executor, Hooks, Runner
+from avatarcli.resident import ResidentPool
+from avatarcli.runner import BatchResult, Executor, Hooks, Resident, Runner
 from avatarcli.telemetry import Telemetry, aggregate
 from avatarcli.verify import is_whole
 
@@ -87,6 +88,9 @@ class Result:
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
     telemetry: dict[str, Any] = field(default_factory=dict)  # the job's batches together
+    # Resident workers: id, pid, load_s, render_s, batches, why each ended (a dry run: the
+    # batches each worker will take).
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The machine-readable summary printed by `--json`."""
@@ -99,8 +103,21 @@ class Result:
             "batches_reused": self.reused, "seconds": round(self.seconds, 2),
             "dry_run": self.dry_run, "warnings": self.warnings,
             "telemetry": self.telemetry,
+            "workers": self.workers,
             "plan": [vars(b) for b in self.batches],
         }
+
+
+def planned_workers(batches: int, slots: int, max_batches: int) -> list[dict[str, Any]]:
+    """Which batches each resident worker will take, if none is replaced early (memory
+    bounds or a failure replace one sooner): slot s takes batches s, s+k, ... in turn, and a
+    worker serves max_batches of them."""
+    out: list[dict[str, Any]] = []
+    for s in range(slots):
+        mine = list(range(s, batches, slots))
+        for start in range(0, len(mine), max_batches):
+            out.append({"id": len(out) + 1, "slot": s, "batches": mine[start:start + max_batches]})
+    return out
 
 
 def default_output(audio: Path) -> Path:
@@ -152,11 +169,14 @@ def _raise_all(problems: list[str]) -> None:
 def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path | None = None,
              jobs: int = 1, gpus: str | None = None, dry_run: bool = False, force: bool = False,
              keep_parts: bool = False, face: tuple[int, int, int, int] | None = None,
-             events: Events | None = None, executor: Executor | None = None) -> Result:
+             events: Events | None = None, executor: Executor | None = None,
+             pool: ResidentPool | None = None) -> Result:
     """Render `audio` + `image` to `output` (default: the audio's path with .mp4).
 
     Resumes a matching job in `OUTPUT.parts/`; raises InputError for bad input (nothing is
     created), EngineError when a batch or the verification fails (the job can be resumed).
+    `pool`: resident workers shared with other jobs (`avatar batch`); by default a job whose
+    engine renders in resident workers gets its own pool, closed at the end.
     """
     events = events or Events()
     started = time.monotonic()
@@ -221,6 +241,9 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
         events.warn(w)
     if dry_run:
         result.batches = _views(plan, engine, inputs, job, {}, slots)
+        if executor is None and engines.resident(preset):
+            result.workers = planned_workers(len(plan.batches), len(slots),
+                                             preset.worker.max_batches)
         result.seconds = time.monotonic() - started
         return result
 
@@ -228,8 +251,16 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
     with JobLock(job):
         if output.exists() and not force:  # it may have appeared while we were checking
             raise InputError(f"{output}: output exists (use --force to overwrite)")
-        _run_job(job, engine, resolved, inputs, plan, feats, rgb, slots, result, events,
-                 force=force, executor=executor)
+        own_pool = pool is None and executor is None and engines.resident(preset)
+        if own_pool:
+            pool = ResidentPool()
+        try:
+            _run_job(job, engine, resolved, inputs, plan, feats, rgb, slots, result, events,
+                     force=force, executor=executor,
+                     pool=pool if executor is None and engines.resident(preset) else None)
+        finally:
+            if own_pool and pool is not None:
+                pool.close()
         if not keep_parts:
             job.remove()  # under the lock, so no other process starts on a half-removed job
     result.seconds = time.monotonic() - started
@@ -239,7 +270,7 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
 def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobInputs,
              plan: Plan, feats: analysis.AudioFeatures, rgb: np.ndarray,
              slots: list[dict[str, str]], result: Result, events: Events, *,
-             force: bool, executor: Executor | None) -> None:
+             force: bool, executor: Executor | None, pool: ResidentPool | None) -> None:
     """Resume or start the job, render what is missing, assemble and verify the output."""
     preset = resolved.preset
     digests = {"audio": file_digest(inputs.audio), "image": file_digest(inputs.image)}
@@ -272,8 +303,15 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
     done_frames = sum(plan.batches[i].frames for i in reused)
     with events.progress(plan.frames, done_frames) as bar:
         hooks = _manifest_hooks(job, manifest, bar)
+        resident = None
+        if pool is not None:  # a model key per retry rung: a rung may need another model
+            keys = [engines.create(presets.build(presets.rung_values(
+                        {**preset.to_dict(), "oom_retry": []}, preset.oom_retry, k),
+                        "oom_retry")).model_key() for k in range(len(preset.oom_retry) + 1)]
+            resident = Resident(pool, keys, preset.worker)
         runner = Runner(job.path, job.log, slots=slots, cooldown_s=preset.cooldown_s,
-                        oom_rungs=len(preset.oom_retry), hooks=hooks, executor=executor)
+                        oom_rungs=len(preset.oom_retry), hooks=hooks, executor=executor,
+                        resident=resident)
         try:
             runner.run(pending)
         finally:
@@ -288,6 +326,10 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
              audio_s=feats.duration_s, frames=plan.frames, width=plan.width,
              height=plan.height, fps=plan.fps, tag=f"{TAG_PREFIX}{key}")
     manifest["finished"] = now()
+    if pool is not None:
+        manifest["workers"] = pool.records(job.path)
+        result.workers = [{k: w[k] for k in ("id", "pid", "load_s", "render_s", "ended")}
+                          | {"batches": len(w["batches"])} for w in manifest["workers"]]
     job.save(manifest)
     result.batches = _views(plan, engine, inputs, job, manifest, slots)
     result.telemetry = aggregate(p.get("telemetry") for p in parts)
@@ -391,6 +433,8 @@ def _manifest_hooks(job: JobDir, manifest: dict[str, Any], bar: Any) -> Hooks:
         parts[r.index].update(state="done", pid=None, finished=now(), rung=r.rung,
                               seconds=round(r.seconds, 3), error=None, failure=None,
                               telemetry=_with_frames(r.telemetry, frames[r.index]))
+        if r.worker:  # which resident worker rendered it, and whether it paid the load
+            parts[r.index]["worker"] = r.worker
         job.save(manifest)
 
     def failed(index: int, kind: str, message: str, telemetry: dict[str, Any]) -> None:

@@ -336,8 +336,12 @@ def _check_rules(preset: Preset, where: str) -> None:
 
 
 def to_yaml(preset: Preset) -> str:
-    """The preset as YAML, with only the section of the engine it uses."""
-    data = {k: v for k, v in preset.to_dict().items() if k not in SECTIONS or k == preset.engine}
+    """The preset as YAML, with only the section of the engine it uses (and `worker` for an
+    engine that renders in resident workers)."""
+    from avatarcli import engines
+
+    keep = {preset.engine, *(["worker"] if engines.resident(preset) else [])}
+    data = {k: v for k, v in preset.to_dict().items() if k not in SECTIONS or k in keep}
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

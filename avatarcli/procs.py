@@ -6,6 +6,7 @@ logs/batch-NNNN.log); a tail is kept to recognise out-of-memory failures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -68,6 +69,35 @@ def run_logged(cmd: list[str], *, cwd: Path | None, env: dict[str, str]) -> Outc
             del tail[0]
     sys.stderr.flush()
     return Outcome(proc.wait(), "".join(tail))
+
+
+def start_pipe(cmd: list[str], *, cwd: Path | None, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a long-lived model process we talk to over its stdin/stdout (stderr piped too).
+
+    It stays in our process group, so stopping a batch process's group stops it as well.
+    """
+    log.debug("start: %s", shlex.join(cmd))
+    try:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as exc:
+        from avatarcli.errors import EngineError
+
+        raise EngineError(f"cannot start {cmd[0]}: {exc}") from exc
+
+
+def stop(proc: subprocess.Popen[bytes], *, grace_s: float = 5.0) -> None:
+    """Wait up to `grace_s` for `proc` to end, then SIGTERM, then SIGKILL."""
+    for action in (None, proc.terminate, proc.kill):
+        if action is not None:
+            with contextlib.suppress(OSError):
+                action()
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
 
 
 def free_port() -> int:

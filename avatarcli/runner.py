@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from avatarcli.errors import EngineError, OutOfMemoryError
+from avatarcli.options import WorkerOptions
+from avatarcli.resident import ResidentHandle, ResidentPool
 from avatarcli.telemetry import Sampler
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,28 @@ class BatchResult:
     returncode: int
     rung: int = 0  # the out-of-memory retry rung that rendered it (0: the preset itself)
     telemetry: dict[str, Any] = field(default_factory=dict)  # Telemetry.to_dict(), frames unset
+    worker: dict[str, Any] = field(default_factory=dict)  # resident worker: id, pid, load_s
+
+
+@dataclass(frozen=True)
+class Resident:
+    """How a job's batches use resident workers: the pool, the model key at each retry rung
+    (a rung that changes the model needs another worker) and the recycling bounds."""
+
+    pool: ResidentPool
+    keys: list[str]
+    limits: WorkerOptions
+
+
+def _worker_facts(handle: BatchHandle) -> dict[str, Any]:
+    if not isinstance(handle, ResidentHandle):
+        return {}
+    facts = {"id": handle.worker.record.id, "pid": handle.worker.proc.pid,
+             "batch_no": len(handle.worker.record.batches)}
+    if handle.report:
+        facts.update({k: handle.report[k] for k in ("load_s", "rss_mb", "model_pid")
+                      if k in handle.report})
+    return facts
 
 
 @dataclass
@@ -174,7 +198,7 @@ class Runner:
     def __init__(self, job_dir: Path, log_path: Callable[[int], Path], *,
                  slots: Sequence[dict[str, str]], cooldown_s: float = 0.0,
                  oom_rungs: int = 0, hooks: Hooks | None = None,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, resident: Resident | None = None) -> None:
         assert slots, "at least one slot"
         self.job_dir = job_dir
         self.executor: Executor = executor or LocalExecutor()
@@ -183,6 +207,7 @@ class Runner:
         self.slots = list(slots)
         self.cooldown_s = cooldown_s
         self.hooks = hooks or Hooks()
+        self.resident = resident
         self._cancel = threading.Event()
         self._procs: dict[int, BatchHandle] = {}
         self._procs_lock = threading.Lock()
@@ -249,7 +274,8 @@ class Runner:
         finally:
             free.put(slot)
 
-    def _launch(self, index: int, slot: dict[str, str], rung: int = 0) -> None:
+    def _launch(self, index: int, slot: dict[str, str], rung: int = 0,
+                retried: bool = False) -> None:
         cmd = worker_command(self.job_dir, index)
         env = {**slot, "AVATARCLI_SLOT_ENV": json.dumps(slot), "AVATARCLI_RUNG": str(rung)}
         if len(self.slots) > 1:
@@ -259,7 +285,18 @@ class Runner:
         log_path = self.log_path(index)
         gpu_ids = [g for g in slot.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
         started = time.monotonic()
-        handle = self.executor.start(cmd, env, log_path, gpu_ids)
+        handle: BatchHandle
+        if self.resident is not None:
+            r = self.resident
+            worker_env = {k: v for k, v in env.items()
+                          if k not in ("AVATARCLI_SLOT_ENV", "AVATARCLI_RUNG")}
+            handle = r.pool.start(
+                key=r.keys[rung], slot=slot, limits=r.limits, env=worker_env,
+                spec={"job": str(self.job_dir), "index": index, "rung": rung, "slot": slot,
+                      "log": str(log_path)},
+                log_path=log_path, gpu_ids=gpu_ids)
+        else:
+            handle = self.executor.start(cmd, env, log_path, gpu_ids)
         with self._procs_lock:
             self._procs[index] = handle
         with self.hooks.lock:
@@ -273,12 +310,20 @@ class Runner:
                 self._procs.pop(index, None)
         telemetry = handle.telemetry()
         seconds = time.monotonic() - started
+        worker = _worker_facts(handle)
         if rc == 0:
             with self.hooks.lock:
-                self.hooks.finished(BatchResult(index, seconds, rc, rung, telemetry))
+                self.hooks.finished(BatchResult(index, seconds, rc, rung, telemetry, worker))
             return
         if self._cancel.is_set():
             return  # stopped on purpose; the caller reports why
+        if self.resident is not None and rc < 0 and not retried:
+            # The resident worker was killed (not a model error): this batch alone goes to a
+            # fresh worker, once.
+            log.warning("batch %d: its resident worker was killed by signal %d; rendering "
+                        "it again in a new worker", index, -rc)
+            self._launch(index, slot, rung, retried=True)
+            return
         kind = "oom" if rc == EXIT_OOM else "crash"
         reason = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
         if kind == "oom":

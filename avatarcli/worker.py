@@ -3,6 +3,12 @@
 Renders one part under a temporary name, verifies it, renames it, exits. It reads the
 manifest but never writes it (the parent does). Progress goes to stdout as `progress N` lines;
 logs go to stderr, which the parent sends to the batch's log file.
+
+`python -m avatarcli.worker --resident` is a resident worker: it takes batch after batch as
+JSON lines on stdin ({"job", "index", "rung", "slot", "log"}), keeps the engine's model loaded
+between them, answers each with `progress N` lines and one `done {...}` line (its memory after
+the batch), logs each batch into that batch's log file, and exits with the batch process's
+codes on the first failure (the runner then replaces it).
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from avatarcli import engines, presets
-from avatarcli.engines.base import JobInputs, PartTask
+from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, OutOfMemoryError
 from avatarcli.job import JobDir
+from avatarcli.options import Preset
 from avatarcli.plan import Plan
 from avatarcli.verify import check_video
 
@@ -51,19 +59,34 @@ def task_from_manifest(job: JobDir, manifest: dict, index: int,
                     engine_state=manifest.get("engine_state", {}), env=env or {})
 
 
-def render_part(job_dir: Path, index: int) -> None:
+def load_task(job_dir: Path, index: int, rung: int,
+              env: dict[str, str]) -> tuple[JobDir, Preset, PartTask]:
+    """The job, the preset (with out-of-memory retry rungs 1..rung applied) and the task."""
     job = JobDir(job_dir)
     manifest = job.load()
     values = manifest["preset"]["values"]
-    rung = int(os.environ.get("AVATARCLI_RUNG", "0"))
     if rung:  # an out-of-memory retry: the preset's lighter settings, rungs 1..k
         values = presets.rung_values(values, values["oom_retry"], rung)
         log.info("batch %d: out-of-memory retry rung %d: %s", index, rung,
                  values["oom_retry"][rung - 1])
     preset = presets.build(values, f"{job.manifest_path} preset")
+    return job, preset, task_from_manifest(job, manifest, index, env)
+
+
+def render_part(job_dir: Path, index: int) -> None:
+    rung = int(os.environ.get("AVATARCLI_RUNG", "0"))
     env = json.loads(os.environ.get("AVATARCLI_SLOT_ENV", "{}"))
-    task = task_from_manifest(job, manifest, index, env)
+    job, preset, task = load_task(job_dir, index, rung, env)
     engine = engines.create(preset)
+    try:
+        render_with(engine, job, task)
+    finally:
+        engine.close()
+
+
+def render_with(engine: Engine, job: JobDir, task: PartTask) -> None:
+    """Render, verify and publish one part with `engine`."""
+    index = task.batch.index
     parent = os.getppid()
 
     def progress(done: int) -> None:
@@ -108,10 +131,89 @@ def watch_parent(parent: int, interval_s: float = 0.5) -> None:
     threading.Thread(target=loop, name="watch-parent", daemon=True).start()
 
 
+def tree_rss_mb(pid: int | None = None) -> float:
+    """Resident memory of this process and everything it started (MiB)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total / 2**20
+
+
+def serve() -> int:
+    """The resident worker's loop (see the module docstring)."""
+    engine: Engine | None = None
+    channel = sys.stdout
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            task_spec = json.loads(line)
+            with _log_into(Path(task_spec["log"])):
+                job, preset, task = load_task(Path(task_spec["job"]), int(task_spec["index"]),
+                                              int(task_spec.get("rung", 0)),
+                                              dict(task_spec.get("slot") or {}))
+                fresh = engines.create(preset)
+                if engine is not None and not fresh.take_over(engine):
+                    engine.close()  # another model: the old one goes
+                engine = fresh
+                started = time.monotonic()
+                render_with(engine, job, task)
+                report = {"index": task.batch.index, "seconds": time.monotonic() - started,
+                          "rss_mb": round(tree_rss_mb(), 1), "gpu": engine.memory_report(),
+                          **engine.worker_facts()}
+                log.info("batch %d done in a resident worker: %s", task.batch.index, report)
+            print("done " + json.dumps(report), file=channel, flush=True)
+    finally:
+        if engine is not None:
+            engine.close()
+    return 0
+
+
+@contextlib.contextmanager
+def _log_into(path: Path) -> Iterator[None]:
+    """Point this process's stderr (fd 2: logging, and children's output that goes through
+    it) at one batch's log while it renders."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, f"# {time.strftime('%Y-%m-%d %H:%M:%S')} resident worker pid "
+                     f"{os.getpid()}\n".encode())
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args == ["--resident"]:
+        if os.getpgid(0) == os.getpid():
+            watch_parent(os.getppid())
+        try:
+            return serve()
+        except Orphaned as exc:
+            log.error("stopping: %s", exc)
+            return EXIT_ORPHANED
+        except OutOfMemoryError as exc:
+            log.error("out of memory: %s", exc)
+            return EXIT_OOM
+        except AvatarError as exc:
+            log.error("%s", exc)
+            return EXIT_FAILED
     if len(args) != 2:
         print("usage: python -m avatarcli.worker JOB_DIR INDEX", file=sys.stderr)
         return 2

@@ -15,12 +15,21 @@ _ENGINES = {
 }
 
 
-def create(preset: Preset) -> Engine:
-    """The engine a preset names."""
-    target = _ENGINES.get(preset.engine)
+def engine_class(name: str) -> type[Engine]:
+    target = _ENGINES.get(name)
     if target is None:
-        raise InputError(f"engine '{preset.engine}' is not available in this version "
+        raise InputError(f"engine '{name}' is not available in this version "
                          f"(available: {', '.join(_ENGINES)})")
     module, _, cls = target.partition(":")
-    engine: Engine = getattr(importlib.import_module(module), cls)(preset)
-    return engine
+    found: type[Engine] = getattr(importlib.import_module(module), cls)
+    return found
+
+
+def resident(preset: Preset) -> bool:
+    """Whether this preset renders in resident workers (its model loaded once per worker)."""
+    return preset.worker.max_batches > 1 and engine_class(preset.engine).renders_resident(preset)
+
+
+def create(preset: Preset) -> Engine:
+    """The engine a preset names."""
+    return engine_class(preset.engine)(preset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -62,6 +63,36 @@ class Engine(ABC):
 
     def __init__(self, preset: Preset) -> None:
         self.preset = preset
+
+    @classmethod
+    def renders_resident(cls, preset: Preset) -> bool:
+        """Whether this engine, with this preset, keeps its model loaded across batches in a
+        resident worker (then render() is called many times on one instance, and close() at
+        the end). Engines that do not opt in get a fresh process per batch."""
+        return False
+
+    def model_key(self) -> str:
+        """What identifies the loaded model: batches (and manifest rows) whose presets give the
+        same key may share a resident worker. Default: the whole engine section."""
+        return json.dumps(self.preset.to_dict().get(self.name, {}), sort_keys=True)
+
+    def memory_report(self) -> dict[str, Any]:
+        """After a batch in a resident worker: the model's own memory figures (e.g. GPU
+        allocated/reserved per device), for the recycling decision."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027  (optional hook: most engines hold nothing)
+        """Release what render() kept loaded (a resident worker ends)."""
+
+    def take_over(self, previous: Engine) -> bool:
+        """In a resident worker, the next batch's engine may keep the model `previous` loaded
+        (same model_key): take it and return True; False leaves `previous` to be closed."""
+        return False
+
+    def worker_facts(self) -> dict[str, Any]:
+        """Facts of the last batch for the worker's record (e.g. {"load_s": 41.2} when it
+        paid for loading the model)."""
+        return {}
 
     def size_multiple(self) -> int:
         """Output width/height are multiples of this."""

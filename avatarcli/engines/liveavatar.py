@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
 import shlex
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from avatarcli import gpus, media, memory, procs
 from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress, run_model
-from avatarcli.errors import EngineError, InputError
+from avatarcli.errors import EngineError, InputError, OutOfMemoryError
 from avatarcli.gpus import visible as gpus_visible
 from avatarcli.options import LiveAvatarOptions, Preset
 
@@ -51,6 +54,11 @@ ENV_VARS = {  # cron-friendly: each setting can come from the environment
     "lora_path": "AVATARCLI_LIVEAVATAR_LORA",
     "prompt": "AVATARCLI_LIVEAVATAR_PROMPT",
 }
+
+
+def renders_resident(preset: Preset) -> bool:
+    """One GPU and worker.max_batches > 1: batches render in a resident worker."""
+    return preset.worker.max_batches > 1 and LiveAvatarEngine.renders_resident(preset)
 
 
 def settings(opts: LiveAvatarOptions) -> dict[str, str]:
@@ -130,6 +138,84 @@ def launch_clips(frames: int, infer_frames: int) -> int:
     return max(1, math.ceil((frames + FIRST_CLIP_DROP) / infer_frames))
 
 
+ADAPTER = Path(__file__).with_name("liveavatar_adapter.py")  # runs in LiveAvatar's env
+
+
+class Adapter:
+    """A resident model process: liveavatar_adapter.py under LiveAvatar's torchrun, with the
+    pipeline loaded once. Talks JSON lines; its log lines go to this process's stderr (fd 2),
+    which the resident worker points at the current batch's log."""
+
+    def __init__(self, cmd: list[str], *, cwd: Path, env: dict[str, str]) -> None:
+        self.cmd = cmd
+        self.proc = procs.start_pipe(cmd, cwd=cwd, env={**os.environ, **env})
+        assert self.proc.stderr is not None
+        self._forward = threading.Thread(target=self._copy_log, args=(self.proc.stderr,),
+                                         name="adapter-log", daemon=True)
+        self._forward.start()
+        started = time.monotonic()
+        ready = self.next_event()
+        if ready.get("event") != "ready":
+            self.close()
+            raise self.error(ready, "loading the model")
+        self.load_s = time.monotonic() - started
+        self.gpu: dict[str, Any] = dict(ready.get("gpu") or {})
+
+    @staticmethod
+    def _copy_log(stream: IO[bytes]) -> None:
+        for line in stream:
+            with contextlib.suppress(OSError):
+                os.write(2, line)
+
+    def next_event(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            return {"event": "error", "kind": "crash",
+                    "message": f"the model process exited with {code}"}
+        try:
+            event: dict[str, Any] = json.loads(line)
+        except json.JSONDecodeError:
+            return {"event": "error", "kind": "crash", "message": f"unreadable: {line[:200]!r}"}
+        return event
+
+    def error(self, event: dict[str, Any], doing: str) -> EngineError:
+        message = f"LiveAvatar (resident) failed {doing}: {event.get('message', event)}"
+        if event.get("kind") == "oom":
+            return OutOfMemoryError(message)
+        return EngineError(message)
+
+    def render(self, task: dict[str, Any], progress: Callable[[int], None]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write((json.dumps(task) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise EngineError(f"the resident model process exited ({self.proc.poll()})") from None
+        while True:
+            event = self.next_event()
+            kind = event.get("event")
+            if kind == "progress":
+                progress(int(event.get("frames", 0)))
+            elif kind == "done":
+                self.gpu = dict(event.get("gpu") or {})
+                return event
+            else:
+                raise self.error(event, "rendering")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write(b'{"task": "exit"}\n')
+                self.proc.stdin.close()
+        procs.stop(self.proc, grace_s=10.0)
+
+
 class LiveAvatarEngine(Engine):
     name = "liveavatar"
 
@@ -137,6 +223,86 @@ class LiveAvatarEngine(Engine):
         super().__init__(preset)
         self.opts = preset.liveavatar
         self.conf = settings(self.opts)
+        self._adapter: Adapter | None = None
+        self._loaded_now = False
+
+    # -- resident worker: the pipeline loaded once, batch after batch ------------------------
+
+    @classmethod
+    def renders_resident(cls, preset: Preset) -> bool:
+        # One GPU only: upstream's 5-GPU mode (TPP, 5 ranks) keeps the script launch.
+        return preset.liveavatar.gpus_per_run == 1
+
+    def model_key(self) -> str:
+        """What the loaded pipeline depends on: checkout, environment, checkpoints, LoRA,
+        fp8, KV-cache placement, T5 on the CPU. Prompt, seed, size and clips are per batch."""
+        o = self.opts
+        return json.dumps({**{k: self.conf[k] for k in ("repo", "torchrun", "ckpt_dir",
+                                                        "lora_path")},
+                           "training_config": o.training_config, "fp8": o.fp8,
+                           "offload_kv_cache": o.offload_kv_cache, "env": o.env,
+                           "t5_cpu": "--t5_cpu" in o.extra_args}, sort_keys=True)
+
+    def take_over(self, previous: Engine) -> bool:
+        if (isinstance(previous, LiveAvatarEngine) and previous._adapter is not None
+                and previous._adapter.alive and previous.model_key() == self.model_key()):
+            self._adapter, previous._adapter = previous._adapter, None
+            return True
+        return False
+
+    def memory_report(self) -> dict[str, Any]:
+        return dict(self._adapter.gpu) if self._adapter is not None else {}
+
+    def worker_facts(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {}
+        if self._adapter is not None:
+            facts["model_pid"] = self._adapter.proc.pid
+            if self._loaded_now:
+                facts["load_s"] = round(self._adapter.load_s, 3)
+        return facts
+
+    def close(self) -> None:
+        if self._adapter is not None:
+            self._adapter.close()
+            self._adapter = None
+
+    def adapter_command(self, port: str) -> tuple[list[str], dict[str, str]]:
+        """The resident model process's command line and extra environment."""
+        o = self.opts
+        from avatarcli.ffmpeg import ffmpeg_exe
+
+        cmd = [self.conf["torchrun"], "--nproc_per_node=1", f"--master_port={port}",
+               str(ADAPTER), "--ckpt_dir", self.conf["ckpt_dir"],
+               "--training_config", str(Path(o.training_config).expanduser()),
+               "--lora_path", str(self._in_repo(self.conf["lora_path"])),
+               *(["--fp8"] if o.fp8 else []),
+               *(["--offload_kv_cache"] if o.offload_kv_cache else []),
+               *(["--t5_cpu"] if "--t5_cpu" in o.extra_args else []),
+               "--ffmpeg", ffmpeg_exe()]
+        env = {"ENABLE_COMPILE": "true", "NCCL_DEBUG": "WARN", **o.env}
+        return cmd, env
+
+    def _render_resident(self, task: PartTask, progress: Progress) -> None:
+        b, inp, p = task.batch, task.inputs, self.preset
+        self._loaded_now = False
+        if self._adapter is None or not self._adapter.alive:
+            cmd, env = self.adapter_command(task.env.get("MASTER_PORT") or str(procs.free_port()))
+            if "CUDA_VISIBLE_DEVICES" in task.env:
+                env["CUDA_VISIBLE_DEVICES"] = task.env["CUDA_VISIBLE_DEVICES"]
+            log.info("starting the resident model: cd %s && %s", shlex.quote(str(self.repo)),
+                     shlex.join(cmd))
+            self._adapter = Adapter(cmd, cwd=self.repo, env=env)
+            self._loaded_now = True
+            log.info("model loaded in %.1f s", self._adapter.load_s)
+        with plus_free(inp.job_dir, f"{b.index:04d}") as job_dir:
+            inside = lambda path: str(job_dir / path.relative_to(inp.job_dir))  # noqa: E731
+            spec = {"task": "render", "audio": inside(self.audio_slice(task)),
+                    "image": inside(inp.portrait), "out": inside(self.raw_output(task)),
+                    "prompt": task.engine_state.get("prompt") or self.prompt(inp),
+                    "size": p.size, "clips": launch_clips(b.frames, p.infer_frames),
+                    "infer_frames": p.infer_frames, "sample_steps": p.sample_steps,
+                    "seed": p.seed, "online_decode": p.online_decode}
+            self._adapter.render(spec, lambda n: progress(min(n, b.frames - 1)))
 
     def size_multiple(self) -> int:
         return 64  # upstream rounds width and height to multiples of 64
@@ -340,10 +506,13 @@ class LiveAvatarEngine(Engine):
         raw.unlink(missing_ok=True)
         start_s, duration_s = self.slice_window(task)
         media.slice_audio(inp.audio, wav, start_s=start_s, duration_s=duration_s)
-        with plus_free(inp.job_dir, f"{b.index:04d}") as job_dir:
-            cmd, env = self.command(task, job_dir=job_dir)
-            log.info("launch: cd %s && %s", shlex.quote(str(self.repo)), shlex.join(cmd))
-            run_model(cmd, cwd=self.repo, env=env, label=f"batch {b.index}: LiveAvatar")
+        if renders_resident(self.preset):
+            self._render_resident(task, progress)
+        else:
+            with plus_free(inp.job_dir, f"{b.index:04d}") as job_dir:
+                cmd, env = self.command(task, job_dir=job_dir)
+                log.info("launch: cd %s && %s", shlex.quote(str(self.repo)), shlex.join(cmd))
+                run_model(cmd, cwd=self.repo, env=env, label=f"batch {b.index}: LiveAvatar")
         if not raw.is_file() or raw.stat().st_size == 0:
             raise EngineError(f"batch {b.index}: LiveAvatar exited 0 but wrote no video "
                               f"({raw}); it only logs save errors")

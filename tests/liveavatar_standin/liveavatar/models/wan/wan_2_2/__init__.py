@@ -1,0 +1,1 @@
+"""Stand-in of upstream's liveavatar.models package (avatarcli tests; no code from upstream)."""
