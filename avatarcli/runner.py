@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from avatarcli.errors import EngineError, OutOfMemoryError
+from avatarcli.errors import EngineError, EnvironmentProblem, OutOfMemoryError
 from avatarcli.telemetry import Sampler
 
 log = logging.getLogger(__name__)
 
 EXIT_OOM = 4  # what avatarcli.worker exits with on out-of-memory
+EXIT_ENVIRONMENT = EnvironmentProblem.exit_code  # ... on a problem of the machine (disk full)
 LOG_TAIL_LINES = 12
 
 
@@ -279,7 +280,7 @@ class Runner:
             return
         if self._cancel.is_set():
             return  # stopped on purpose; the caller reports why
-        kind = "oom" if rc == EXIT_OOM else "crash"
+        kind = "oom" if rc == EXIT_OOM else "environment" if rc == EXIT_ENVIRONMENT else "crash"
         reason = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
         if kind == "oom":
             reason = (f"out of memory at rung {rung} of {self.oom_rungs}" if self.oom_rungs
@@ -294,6 +295,10 @@ class Runner:
                            f"of {log_path}:\n{tail}")
         with self.hooks.lock:
             self.hooks.failed(index, kind, message, telemetry)
+        if kind == "environment":  # the batch's log says what: a full disk, a killed ffmpeg
+            raise EnvironmentProblem(f"batch {index} stopped by a problem of this machine, not "
+                                     f"of the input ({lines[-1].strip() if lines else reason}); "
+                                     f"fix it and rerun the same command to resume")
         raise (OutOfMemoryError if kind == "oom" else EngineError)(message)
 
     def _pump(self, index: int, handle: BatchHandle) -> None:

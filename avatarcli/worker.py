@@ -19,7 +19,7 @@ from pathlib import Path
 
 from avatarcli import engines, presets
 from avatarcli.engines.base import JobInputs, PartTask
-from avatarcli.errors import AvatarError, OutOfMemoryError
+from avatarcli.errors import AvatarError, EnvironmentProblem, OutOfMemoryError, from_os_error
 from avatarcli.job import JobDir
 from avatarcli.plan import Plan
 from avatarcli.verify import check_video
@@ -28,6 +28,7 @@ log = logging.getLogger("avatarcli.worker")
 
 EXIT_FAILED = 3
 EXIT_OOM = 4
+EXIT_ENVIRONMENT = EnvironmentProblem.exit_code  # disk full, ffmpeg killed: this machine
 EXIT_ORPHANED = 70  # the parent died: stop rather than render for nobody
 
 
@@ -41,7 +42,8 @@ def task_from_manifest(job: JobDir, manifest: dict, index: int,
     plan = Plan.from_dict(manifest["plan"])
     face = manifest.get("face")
     inputs = JobInputs(
-        audio=Path(manifest["inputs"]["audio"]["path"]),
+        # The recording decoded once into the job: every part is cut from the same timeline.
+        audio=job.audio if job.audio.is_file() else Path(manifest["inputs"]["audio"]["path"]),
         image=Path(manifest["inputs"]["image"]["path"]),
         job_dir=job.path, portrait=job.portrait, features=job.features,
         width=plan.width, height=plan.height, fps=plan.fps,
@@ -125,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     except OutOfMemoryError as exc:
         log.error("out of memory: %s", exc)
         return EXIT_OOM
+    except EnvironmentProblem as exc:
+        log.error("%s", exc)
+        return EXIT_ENVIRONMENT
+    except OSError as exc:  # a full disk while writing the part: the machine, not the job
+        known = from_os_error(exc)
+        if not isinstance(known, EnvironmentProblem):
+            raise
+        log.error("%s", known)
+        return EXIT_ENVIRONMENT
     except AvatarError as exc:
         log.error("%s", exc)
         return EXIT_FAILED
