@@ -73,18 +73,57 @@ def _looks_like_file(ref: str) -> bool:
     return ref.endswith((".yaml", ".yml")) or os.sep in ref or "/" in ref
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+MAX_YAML_NODES = 100_000  # nodes after expanding aliases; a real preset or manifest has far fewer
+
+
+def load_yaml(text: str, path: Path) -> Any:
+    """`yaml.safe_load` with the expansion of aliases bounded.
+
+    An alias is cheap to write and, nested, expands exponentially ("billion laughs"): any
+    later walk of the data (a merge, a message quoting a value) would run until memory runs
+    out. The node tree is counted as it would expand, before anything is built from it.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read preset ({exc.strerror or exc})") from exc
-    try:
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _count_nodes(node, path)
+                return loader.construct_document(node)
+            return None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise InputError(f"{where}: YAML syntax error: {problem}") from exc
+
+
+def _count_nodes(root: yaml.Node, path: Path) -> None:
+    seen = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise InputError(f"{path}: YAML expands to more than {MAX_YAML_NODES} values "
+                             f"(aliases nested in aliases?); refused")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.extend((key, value))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read preset ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a preset (not UTF-8 text)") from None
+    data = load_yaml(text, path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
