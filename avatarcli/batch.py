@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from avatarcli import presets
-from avatarcli.errors import AvatarError, BusyError, InputError
+from avatarcli.errors import AvatarError, BusyError, EnvironmentProblem, InputError
 from avatarcli.pipeline import (
     Events,
     default_output,
@@ -259,6 +259,8 @@ def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
                  force=redo, keep_parts=keep_parts, events=events, executor=executor)
     except BusyError as exc:
         return RowResult(row.where, out, "busy", str(exc), exc.exit_code)
+    except EnvironmentProblem:  # the machine (a full disk): every other row would fail too
+        raise
     except AvatarError as exc:
         if exc.exit_code >= 128:  # interrupted: stop the whole batch
             raise

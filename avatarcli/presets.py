@@ -84,15 +84,7 @@ def load_yaml(text: str, path: Path) -> Any:
     out. The node tree is counted as it would expand, before anything is built from it.
     """
     try:
-        loader = yaml.SafeLoader(text)
-        try:
-            node = loader.get_single_node()
-            if node is not None:
-                _count_nodes(node, path)
-                return loader.construct_document(node)
-            return None
-        finally:
-            loader.dispose()
+        return _bounded_load(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -100,14 +92,26 @@ def load_yaml(text: str, path: Path) -> Any:
         raise InputError(f"{where}: YAML syntax error: {problem}") from exc
 
 
-def _count_nodes(root: yaml.Node, path: Path) -> None:
+def _bounded_load(text: str, where: str) -> Any:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_nodes(node, where)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _count_nodes(root: yaml.Node, where: str) -> None:
     seen = 0
     stack = [root]
     while stack:
         node = stack.pop()
         seen += 1
         if seen > MAX_YAML_NODES:
-            raise InputError(f"{path}: YAML expands to more than {MAX_YAML_NODES} values "
+            raise InputError(f"{where}: YAML expands to more than {MAX_YAML_NODES} values "
                              f"(aliases nested in aliases?); refused")
         if isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)
@@ -191,7 +195,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise InputError(f"--set {item!r}: expected KEY=VALUE (e.g. --set infer_frames=48)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _bounded_load(raw, f"--set {key}") if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         parts = key.split(".")

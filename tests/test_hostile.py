@@ -476,6 +476,13 @@ def _table(media: dict[str, Path], tmp: Path) -> list[tuple[str, list[str], dict
         # 13: the environment, not the input
         ("ffmpeg broken", ["gen", speech, face, "-o", out], no_ffmpeg, 74,
          r"FFMPEG_BINARY=/bin/false: not a working ffmpeg"),
+        ("batch with a broken ffmpeg",
+         ["batch", manifest("ok.csv", b"audio,image,output\n" + row + b","
+                            + os.fsencode(tmp / "row.mp4") + b"\n")], no_ffmpeg, 74,
+         r"FFMPEG_BINARY=/bin/false: not a working ffmpeg"),
+        ("set value alias bomb", ["gen", speech, face, "-o", out, "--set",
+                                  f"description={_alias_bomb()}"], {}, 2,
+         r"--set description: YAML expands to more than \d+ values"),
         ("ffmpeg killed while decoding", ["gen", speech, face, "-o", out], oom, 74,
          r"ffmpeg was killed by signal 9 .*not of the input"),
         ("log file on a full disk", ["gen", speech, face, "-o", out, "--log-file", "/dev/full"],
