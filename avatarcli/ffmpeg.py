@@ -142,8 +142,10 @@ def raise_for_environment(returncode: int, stderr: str, cmd: Sequence[str]) -> N
     """Raise EnvironmentProblem when a failed ffmpeg run is the machine's fault."""
     why = _environment_failure(returncode, stderr)
     if why is not None:
-        raise EnvironmentProblem(f"{why}; a problem of this machine, not of the input "
-                                 f"(rerun the same command to resume): {shlex.join(cmd)}")
+        paths = [a for a in cmd[1:] if os.sep in a and not a.startswith("-")]
+        where = f"{paths[-1]}: " if paths else ""  # our calls give the output last
+        raise EnvironmentProblem(f"{where}{why}; a problem of this machine, not of the input "
+                                 f"(rerun the same command to resume)")
 
 
 def popen(args: Sequence[str], *, stdin: int | None = None, stdout: int | None = None,

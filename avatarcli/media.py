@@ -220,6 +220,7 @@ class VideoWriter:
             .global_args("-loglevel", "error", "-y")
             .get_args()
         )
+        self._args = args
         self._proc = ffmpeg.popen(args, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self._proc.stdin is not None
         with contextlib.suppress(OSError, AttributeError):  # Linux only; a bigger buffer helps
@@ -257,7 +258,9 @@ class VideoWriter:
             with contextlib.suppress(BrokenPipeError):
                 self._proc.stdin.close()
         err = self._proc.stderr.read().decode("utf-8", "replace") if self._proc.stderr else ""
-        if self._proc.wait() != 0 or self._error is not None:
+        if self._proc.wait() != 0:  # a full disk or a killed encoder: the machine's problem
+            ffmpeg.raise_for_environment(self._proc.returncode, err, self._args)
+        if self._proc.returncode != 0 or self._error is not None:
             raise ffmpeg.FFmpegError(f"ffmpeg could not encode {self.path}: "
                                      f"{ffmpeg.tail(err, 3) or self._error}", ffmpeg.tail(err))
 

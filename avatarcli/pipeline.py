@@ -239,12 +239,12 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
     problems = _check_paths(audio, image, output, force=force, dry_run=dry_run)
     rgb = None
     ffmpeg_exe()  # a missing or broken ffmpeg is this machine's problem: said first, alone
-    if audio.is_file() and not path_problem(audio, "audio"):
+    if not path_problem(audio, "audio") and audio.is_file():
         try:
             _check_audio(audio)
         except InputError as exc:
             problems.append(str(exc))
-    if image.is_file() and not path_problem(image, "image"):
+    if not path_problem(image, "image") and image.is_file():
         try:
             rgb = portrait.load(image)
         except InputError as exc:
@@ -292,13 +292,18 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
         return result
 
     # 3-5. Under the job's lock: another live process rendering it makes this one stop.
-    with JobLock(job):
-        if output.exists() and not force:  # it may have appeared while we were checking
-            raise InputError(f"{output}: output exists (use --force to overwrite)")
-        _run_job(job, engine, resolved, inputs, plan, feats, rgb, slots, result, events,
-                 force=force, executor=executor)
-        if not keep_parts:
-            job.remove()  # under the lock, so no other process starts on a half-removed job
+    try:
+        with JobLock(job):
+            if output.exists() and not force:  # it may have appeared while we were checking
+                raise InputError(f"{output}: output exists (use --force to overwrite)")
+            _run_job(job, engine, resolved, inputs, plan, feats, rgb, slots, result, events,
+                     force=force, executor=executor)
+            if not keep_parts:
+                job.remove()  # under the lock, so no other process starts on a half-removed job
+    except OSError as exc:
+        if exc.filename is None:  # a write through a library (an image, an array): say where
+            exc.filename = str(job.path)
+        raise
     result.seconds = time.monotonic() - started
     return result
 

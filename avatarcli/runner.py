@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shlex
 import signal
 import subprocess
@@ -296,9 +297,10 @@ class Runner:
         with self.hooks.lock:
             self.hooks.failed(index, kind, message, telemetry)
         if kind == "environment":  # the batch's log says what: a full disk, a killed ffmpeg
-            raise EnvironmentProblem(f"batch {index} stopped by a problem of this machine, not "
-                                     f"of the input ({lines[-1].strip() if lines else reason}); "
-                                     f"fix it and rerun the same command to resume")
+            said = re.sub(r"^[\d-]+ [\d:,]+ \w+ [\w.]+: ", "", lines[-1].strip()) if lines else ""
+            raise EnvironmentProblem(f"batch {index}: {said}" if said else
+                                     f"batch {index} stopped by a problem of this machine; "
+                                     f"its log: {log_path}")
         raise (OutOfMemoryError if kind == "oom" else EngineError)(message)
 
     def _pump(self, index: int, handle: BatchHandle) -> None:

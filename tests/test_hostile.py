@@ -276,12 +276,13 @@ def test_disk_full_while_saving_the_job_exits_74_and_resumes(
     assert m.video_frames(out) == 150
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 200 KiB filesystem (tmpfs); skipped where mounting is not allowed."""
+@pytest.fixture(params=["200k", "400k"])  # full while preparing the job; while encoding a part
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A real, small filesystem (tmpfs); skipped where mounting is not allowed."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)],
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs",
+                           str(disk)],
                           capture_output=True, check=False)
     if made.returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
@@ -442,6 +443,8 @@ def _table(media: dict[str, Path], tmp: Path) -> list[tuple[str, list[str], dict
          r"loop.mp4: audio path cannot be used"),
         ("name not UTF-8", ["gen", str(not_utf8), face, "-o", out], {}, 2,
          r"caf\\udce9.wav: audio path is not valid UTF-8"),
+        ("audio name too long", ["gen", str(tmp / ("y" * 300 + ".wav")), face, "-o", out], {},
+         2, r"y.wav: audio path cannot be used \(File name too long\)"),
         ("output name too long", ["gen", speech, face, "-o", str(tmp / long_name)], {}, 2,
          r"output file name is too long"),
         ("job folder is a file", ["gen", speech, face, "-o", str(setup / "blocked.mp4")], {},
