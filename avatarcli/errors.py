@@ -48,11 +48,10 @@ ENVIRONMENT_ERRNOS = frozenset(
     getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO",
                                       "EMFILE", "ENFILE", "ENOMEM", "EFBIG", "ENODEV")
     if hasattr(errno, name))
-# errno values that say "this path, as given, cannot be used": the user's input.
+# errno values that say "this path, as given, cannot be used": the user's input. (ENOENT and
+# the like stay bugs here: every path given is checked before anything starts.)
 PATH_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("ELOOP", "ENAMETOOLONG", "ENOTDIR", "EISDIR", "EEXIST",
-                                      "ENOENT", "EILSEQ")
-    if hasattr(errno, name))
+    getattr(errno, name) for name in ("ELOOP", "ENAMETOOLONG", "EILSEQ") if hasattr(errno, name))
 
 
 def from_os_error(exc: OSError) -> AvatarError | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -129,8 +130,21 @@ def _part_problem(i: int, p: Any) -> str | None:
           and _opt(p.get("error"), lambda v: isinstance(v, str))
           and _opt(p.get("failure"), lambda v: isinstance(v, str))
           and _opt(p.get("sha256"), lambda v: isinstance(v, str) and len(v) == 64)
-          and isinstance(p.get("telemetry") or {}, dict))
+          and _telemetry_ok(p.get("telemetry") or {}))
     return None if ok else f"parts[{i}]: not a part record"
+
+
+def _telemetry_ok(value: Any) -> bool:
+    from avatarcli.telemetry import Telemetry
+
+    if not isinstance(value, dict):
+        return False
+    try:
+        t = Telemetry.from_dict(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return False
+    numbers = [t.wall_s, t.peak_rss_mb or 0.0, t.started_at or 0.0, *t.peak_gpu_mb.values()]
+    return all(math.isfinite(x) and x >= 0 for x in numbers) and 0 <= t.frames <= MAX_FRAMES
 
 
 def manifest_problem(data: Any) -> str | None:

@@ -65,7 +65,8 @@ def available() -> dict[str, PresetInfo]:
         if not folder.is_dir():
             continue
         for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
-            found[path.stem] = PresetInfo(path.stem, origin, path)
+            if path.is_file():  # a FIFO named like a preset would block `avatar presets`
+                found[path.stem] = PresetInfo(path.stem, origin, path)
     return dict(sorted(found.items()))
 
 
@@ -120,8 +121,13 @@ def _count_nodes(root: yaml.Node, where: str) -> None:
                 stack.extend((key, value))
 
 
+MAX_PRESET_BYTES = 1 << 20  # a preset is a few hundred bytes; more is not a preset
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
+        if path.stat().st_size > MAX_PRESET_BYTES:
+            raise InputError(f"{path}: not a preset (over {MAX_PRESET_BYTES >> 20} MiB)")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(f"{path}: cannot read preset ({exc.strerror or exc})") from exc

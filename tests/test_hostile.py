@@ -167,6 +167,7 @@ MANIFEST_EDITS = [
     ("face", "middle"),
     ("preset.values.fps", 1000),  # well-typed but not what the job's key stands for
     ("parts", []),
+    ("parts.0.telemetry", {"wall_s": "slow"}),
 ]
 
 
@@ -540,6 +541,9 @@ def test_presets_lists_a_broken_user_preset_without_hanging(tmp_path: Path,
     user.mkdir()
     (user / "bomb.yaml").write_text(f"description: {_alias_bomb()}\n")
     (user / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    os.mkfifo(user / "fifo.yaml")  # reading it would wait for a writer forever
+    with open(user / "huge.yaml", "wb") as f:
+        f.truncate(2 << 20)
     monkeypatch.setenv("AVATARCLI_PRESETS_DIR", str(user))
     result = runner.invoke(app, ["presets"])
     assert result.exit_code == 0, result.output[:500]
@@ -547,6 +551,8 @@ def test_presets_lists_a_broken_user_preset_without_hanging(tmp_path: Path,
     lines = {ln.split()[0]: ln for ln in result.output.splitlines() if ln.strip()}
     assert "YAML expands to more than" in lines["bomb"]
     assert "not UTF-8 text" in lines["binary"]
+    assert "not a preset (over 1 MiB)" in lines["huge"]
+    assert "fifo" not in lines
     assert len(result.output) < 5000
 
 
