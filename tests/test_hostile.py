@@ -588,3 +588,42 @@ def test_read_only_job_folder_is_the_environment(media: dict[str, Path], tmp_pat
     assert "ro.mp4.parts" in lines[0]
     assert listing(tmp_path) == before
 
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_publishing_never_replaces_a_file_that_is_there(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        links: bool) -> None:
+    from avatarcli.assemble import publish
+    from avatarcli.errors import InputError
+
+    if not links:  # a filesystem without hard links (some FUSE and SMB mounts)
+        def no_link(src: object, dst: object) -> None:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+        monkeypatch.setattr(os, "link", no_link)
+    out = tmp_path / "out.mp4"
+    tmp = tmp_path / "ours.tmp"
+    tmp.write_bytes(b"ours")
+    out.write_bytes(b"theirs")
+    with pytest.raises(InputError, match="appeared while the job was rendering"):
+        publish(tmp, out, overwrite=False)
+    assert out.read_bytes() == b"theirs" and tmp.read_bytes() == b"ours"
+    out.unlink()
+    publish(tmp, out, overwrite=False)
+    assert out.read_bytes() == b"ours" and not tmp.exists()
+
+
+def test_the_host_out_of_memory_is_the_environment(media: dict[str, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import avatarcli.cli as cli
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(cli, "generate", no_memory)
+    result = runner.invoke(app, ["gen", str(media["speech6"]), str(media["portrait"]),
+                                 "-o", str(tmp_path / "x.mp4")])
+    assert result.exit_code == 74, result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 1 and "ran out of memory" in lines[0] and "not of the input" in lines[0]
