@@ -122,7 +122,7 @@ def path_problem(path: Path, what: str) -> str | None:
     except OSError as exc:
         return f"{path}: {what} path cannot be used ({exc.strerror})"
     except ValueError:  # a NUL byte
-        return f"{path!r}: {what} path contains a NUL byte"
+        return f"{str(path)!r}: {what} path contains a NUL byte"
     return None
 
 
