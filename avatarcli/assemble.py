@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 
 from avatarcli import ffmpeg, media
+from avatarcli.errors import InputError
 from avatarcli.verify import VerifyError, check_video
 
 
@@ -17,20 +19,27 @@ def _umask() -> int:
     return mask
 
 
-def _concat_line(path: Path) -> str:
-    # The concat demuxer's quoting: single quotes, with ' written as '\''.
-    return "file '" + str(path.resolve()).replace("'", "'\\''") + "'\n"
+def _concat_line(path: Path) -> bytes:
+    # The concat demuxer's quoting: single quotes, with ' written as '\''. Bytes: a path need
+    # not be valid UTF-8.
+    return b"file '" + os.fsencode(path.resolve()).replace(b"'", b"'\\''") + b"'\n"
 
 
 def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, frames: int,
              width: int, height: int, fps: int, tag: str = "",
-             audio_bitrate: str = "192k") -> None:
-    """Concatenate `parts`, mux `audio` as AAC, verify, then atomically move to `output`."""
-    fd, list_name = tempfile.mkstemp(prefix=".concat-", suffix=".txt", dir=output.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+             audio_bitrate: str = "192k", work_dir: Path | None = None,
+             overwrite: bool = False) -> None:
+    """Concatenate `parts`, mux `audio` as AAC, verify, then atomically move to `output`.
+
+    Temporary files live in `work_dir` (the job folder, on the output's filesystem), so a
+    process killed mid-way leaves nothing beside the output. Without `overwrite`, a file
+    that appeared at `output` meanwhile is kept and InputError raised (the job stays).
+    """
+    work = work_dir if work_dir is not None else output.parent
+    fd, list_name = tempfile.mkstemp(prefix=".concat-", suffix=".txt", dir=work)
+    with os.fdopen(fd, "wb") as f:
         f.writelines(_concat_line(p) for p in parts)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=".tmp.mp4",
-                                    dir=output.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=".output.", suffix=".tmp.mp4", dir=work)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -42,14 +51,50 @@ def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, fr
             *(["-metadata", f"comment={tag}"] if tag else []),
             "-movflags", "+faststart", "-f", "mp4", str(tmp),
         ])
-        verify_output(tmp, audio_s=audio_s, frames=frames, width=width, height=height, fps=fps)
+        try:
+            verify_output(tmp, audio_s=audio_s, frames=frames, width=width, height=height,
+                          fps=fps)
+        except VerifyError as exc:  # name the output, not a temporary that is about to go
+            raise VerifyError(f"{output}: " + str(exc).replace(f"{tmp}: ", "", 1)) from exc
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600; an output is a normal file
-        os.replace(tmp, output)
+        publish(tmp, output, overwrite=overwrite)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             os.unlink(list_name)
+
+
+def publish(tmp: Path, output: Path, *, overwrite: bool) -> None:
+    """Move `tmp` to `output` atomically; unless `overwrite`, never replace what is there.
+
+    The "exists" check at start is not enough: another process may create the output while
+    the job renders. A hard link fails if the name exists (the check and the creation are
+    one step); filesystems without hard links get an exclusive create of the name first.
+    """
+    if overwrite:
+        os.replace(tmp, output)
+        return
+    try:
+        os.link(tmp, output)
+    except FileExistsError:
+        raise _appeared(output) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK,
+                             errno.EXDEV):
+            raise
+        try:  # claim the name, then replace our own empty claim
+            os.close(os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            raise _appeared(output) from None
+        os.replace(tmp, output)
+        return
+    tmp.unlink()
+
+
+def _appeared(output: Path) -> InputError:
+    return InputError(f"{output}: output appeared while the job was rendering; it was kept "
+                      f"(rerun with --force to replace it: the rendered parts are reused)")
 
 
 def verify_output(path: Path, *, audio_s: float, frames: int, width: int, height: int,

@@ -22,8 +22,16 @@ from typing import Any
 import yaml
 
 from avatarcli import presets
-from avatarcli.errors import AvatarError, BusyError, InputError
-from avatarcli.pipeline import Events, default_output, generate, output_is_current
+from avatarcli.errors import AvatarError, BusyError, EnvironmentProblem, InputError
+from avatarcli.pipeline import (
+    Events,
+    default_output,
+    generate,
+    job_folder_of,
+    name_problem,
+    output_is_current,
+    path_problem,
+)
 from avatarcli.resident import ResidentPool
 from avatarcli.runner import Executor, cancel_all
 
@@ -64,6 +72,9 @@ def load_manifest(path: Path) -> list[Row]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read manifest ({exc})") from exc
+    if "\0" in text:  # Python's csv reads NUL bytes into file names; no text file has them
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise InputError(f"{path}:{line}: not a text manifest (it contains a NUL byte)")
     if path.suffix.lower() in (".yaml", ".yml"):
         records = _yaml_records(path, text)
     else:
@@ -74,8 +85,20 @@ def load_manifest(path: Path) -> list[Row]:
     return [_row(where, rec, base) for where, rec in records]
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _csv_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
     reader = csv.DictReader(text.splitlines())
+    try:
+        return _csv_rows(path, reader)
+    except csv.Error as exc:  # a NUL byte, a field over the csv module's limit, bad quoting
+        raise InputError(f"{path}:{reader.line_num}: not a readable CSV row ({exc})") from None
+
+
+def _csv_rows(path: Path, reader: csv.DictReader[str]) -> list[tuple[str, dict[str, Any]]]:
     header = [h.strip() for h in reader.fieldnames or []]
     for name in header:
         if name not in COLUMNS:
@@ -97,13 +120,7 @@ def _csv_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _yaml_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise InputError(f"{where}: YAML syntax error: "
-                         f"{getattr(exc, 'problem', None) or exc}") from exc
+    data = presets.load_yaml(text, path)
     if isinstance(data, dict) and "rows" in data:
         data = data["rows"]
     if not isinstance(data, list):
@@ -112,7 +129,7 @@ def _yaml_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
     for i, rec in enumerate(data, start=1):
         where = f"{path}: row {i}"
         if not isinstance(rec, dict):
-            raise InputError(f"{where}: a row must be a mapping, got {rec!r}")
+            raise InputError(f"{where}: a row must be a mapping, got {_short(rec)}")
         unknown = [k for k in rec if k not in COLUMNS]
         if unknown:
             raise InputError(f"{where}: unknown key '{unknown[0]}' (keys: {', '.join(COLUMNS)})")
@@ -120,6 +137,11 @@ def _yaml_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
         if isinstance(sets, dict):
             sets = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                     for k, v in sets.items()]
+        elif isinstance(sets, str):
+            sets = [s.strip() for s in sets.split(";") if s.strip()]
+        elif not (isinstance(sets, list) and all(isinstance(s, str) for s in sets)):
+            raise InputError(f"{where}: 'set' must be a mapping of keys to values (or a list "
+                             f"of KEY=VALUE), got {_short(sets)}")
         rec = {**{k: "" if v is None else v for k, v in rec.items()}, "set": list(sets)}
         out.append((where, rec))
     return out
@@ -155,16 +177,26 @@ def validate(rows: list[Row], *, preset: str | None, overrides: list[str]) -> li
 
 def _check(row: Row, preset: str | None, overrides: list[str],
            seen: dict[Path, str]) -> str | None:
-    for what, p in (("audio", row.audio), ("image", row.image)):
-        if not p.is_file():
+    for what, p in (("audio", row.audio), ("image", row.image), ("output", row.output)):
+        bad = path_problem(p, what)
+        if bad:
+            return bad
+        if what != "output" and not p.is_file():
             return f"{p}: {what} file not found"
-        if not os.access(p, os.R_OK):
+        if what != "output" and not os.access(p, os.R_OK):
             return f"{p}: {what} file is not readable"
+        inside = job_folder_of(p)
+        if inside is not None:
+            return (f"{p}: {what} lies inside the job folder {inside}, which is removed when "
+                    f"that job finishes")
     folder = row.output.parent
     if not folder.is_dir():
         return f"{row.output}: output folder {folder} does not exist"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"{row.output}: output folder {folder} is not writable"
+    too_long = name_problem(row.output)
+    if too_long:
+        return too_long
     key = row.output.resolve()
     if key in seen:
         return f"{row.output}: same output as {seen[key]}"
@@ -236,6 +268,8 @@ def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
                  pool=pool)
     except BusyError as exc:
         return RowResult(row.where, out, "busy", str(exc), exc.exit_code)
+    except EnvironmentProblem:  # the machine (a full disk): every other row would fail too
+        raise
     except AvatarError as exc:
         if exc.exit_code >= 128:  # interrupted: stop the whole batch
             raise

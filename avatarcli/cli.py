@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
+import os
 import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
 from avatarcli import __version__, presets
-from avatarcli.errors import AvatarError, InputError, Interrupted
+from avatarcli.errors import (
+    AvatarError,
+    EnvironmentProblem,
+    InputError,
+    Interrupted,
+    from_os_error,
+)
 from avatarcli.options import Preset
 from avatarcli.pipeline import Events, Result, generate
 
@@ -37,11 +45,64 @@ EXIT_INTERNAL = 70  # EX_SOFTWARE: an error avatarcli did not expect
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _printable(text: str) -> str:
+    # File names that are not valid UTF-8 arrive as lone surrogates: show them escaped.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _err(message: str) -> None:
     from tqdm import tqdm
 
     for line in message.splitlines() or [""]:
-        tqdm.write(f"avatar: {line}", file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError):  # stderr closed or a broken pipe
+            tqdm.write(_printable(f"avatar: {line}"), file=sys.stderr)
+
+
+def _echo(text: str, nl: bool = True) -> None:
+    """A line on stdout. A reader that went away (`| head -1`, a closed stdout) is not a
+    failure of the job: the rest of stdout goes nowhere."""
+    try:
+        typer.echo(_printable(text), nl=nl)
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        _stdout_to_devnull()
+    except OSError as exc:
+        if exc.errno != errno.EPIPE:
+            raise
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    # Python flushes stdout at exit; pointing fd 1 at /dev/null keeps that flush quiet.
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def standard_streams() -> None:
+    """Make fds 0-2 valid and sys.stdout/sys.stderr usable whatever the caller left us.
+
+    A closed fd 1 or 2 (`>&-`, `2>&-`) would otherwise be reused by the next file opened
+    (the job's lock or manifest would receive our output), and a missing sys.stderr makes
+    tqdm and logging fall back to stdout, breaking `--json`.
+    """
+    for fd, mode in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, mode)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(fd, "w", encoding="utf-8", errors="backslashreplace",  # noqa: SIM115
+                                    closefd=False, buffering=1))
+        else:
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(errors="backslashreplace")
 
 
 def handle_errors(func: F) -> F:
@@ -61,13 +122,28 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
+        except MemoryError:
+            _err("error: this machine ran out of memory (a problem of this machine, not of "
+                 "the input; rerun the same command to resume)")
+            raise typer.Exit(EnvironmentProblem.exit_code) from None
+        except OSError as exc:  # a full disk, a read-only folder: the environment, not a bug
+            known = from_os_error(exc)
+            if known is None:
+                _internal(exc)
+            _err(f"error: {known}")
+            raise typer.Exit(known.exit_code) from None
         except Exception as exc:  # a bug: one line for cron, the traceback for the log file
-            log.debug("internal error", exc_info=True)
-            _err(f"error: internal error: {type(exc).__name__}: {exc} (a bug; rerun with -v "
-                 f"or --log-file for the traceback)")
-            raise typer.Exit(EXIT_INTERNAL) from None
+            _internal(exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _internal(exc: BaseException) -> NoReturn:
+    with contextlib.suppress(Exception):  # the log file itself may be what failed
+        log.debug("internal error", exc_info=exc)
+    _err(f"error: internal error: {type(exc).__name__}: {exc} (a bug; rerun with -v "
+         f"or --log-file for the traceback)")
+    raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -85,7 +161,8 @@ class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
 
-        tqdm.write(self.format(record), file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError):  # stderr gone: nowhere to say it
+            tqdm.write(_printable(self.format(record)), file=sys.stderr)
 
 
 class _JsonLinesHandler(logging.Handler):
@@ -93,17 +170,31 @@ class _JsonLinesHandler(logging.Handler):
 
     def __init__(self, path: Path) -> None:
         super().__init__(logging.DEBUG)
+        self.path = path
+        self.broken = False
         try:
             self.stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives with the handler)
         except OSError as exc:
+            known = from_os_error(exc)
+            if isinstance(known, EnvironmentProblem):
+                raise EnvironmentProblem(f"{path}: cannot open log file ({exc.strerror}); "
+                                         f"a problem of this machine") from exc
             raise InputError(f"{path}: cannot open log file ({exc.strerror})") from exc
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.broken:
+            return
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(record.created)),
                  "level": record.levelname.lower(), "pid": record.process,
                  "message": record.getMessage(), **getattr(record, "fields", {})}
-        self.stream.write(json.dumps(entry, default=str) + "\n")
-        self.stream.flush()
+        try:
+            self.stream.write(json.dumps(entry, default=str) + "\n")
+            self.stream.flush()
+        except OSError as exc:  # a full disk: say so once, as the environment's fault
+            self.broken = True
+            raise EnvironmentProblem(f"{self.path}: cannot write the log file "
+                                     f"({exc.strerror}); a problem of this machine, not of "
+                                     f"the input; rerun the same command to resume") from exc
 
 
 def _setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> None:
@@ -158,17 +249,17 @@ def _parse_face(value: str | None) -> tuple[int, int, int, int] | None:
 
 
 def _print_plan(result: Result) -> None:
-    typer.echo(f"plan: {result.duration_s:.2f} s of audio -> {result.frames} frames at "
+    _echo(f"plan: {result.duration_s:.2f} s of audio -> {result.frames} frames at "
                f"{result.fps} fps, {result.width}x{result.height}, preset {result.preset} "
                f"(engine {result.engine}), {len(result.batches)} batch(es)")
-    typer.echo(f"output: {result.output}")
-    typer.echo(f"job dir: {result.job_dir}")
+    _echo(f"output: {result.output}")
+    _echo(f"job dir: {result.job_dir}")
     for b in result.batches:
-        typer.echo(f"  batch {b.index:4d}: frames {b.frame_start}-{b.frame_end - 1} "
+        _echo(f"  batch {b.index:4d}: frames {b.frame_start}-{b.frame_end - 1} "
                    f"({b.frame_end - b.frame_start}), {b.start_s:.2f}-{b.end_s:.2f} s, "
                    f"{b.clips} clip(s)")
         if b.command:
-            typer.echo(f"    {b.command}")
+            _echo(f"    {b.command}")
 
 
 LogFile = Annotated[Path | None, typer.Option("--log-file", metavar="FILE",
@@ -246,7 +337,7 @@ def gen(
     face: Annotated[str | None, typer.Option("--face", metavar="X,Y,W,H",
                                              help="Face box in image pixels when detection fails.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; render nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite the output; discard a mismatching job.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output; discard a mismatching or damaged job.")] = False,
     keep_parts: KeepParts = False,
     executor: ExecutorOpt = "local",
     ray_address: RayAddress = "auto",
@@ -273,20 +364,20 @@ def gen(
         if runs_on is not None:
             runs_on.shutdown()
     if as_json:
-        typer.echo(json.dumps(result.summary(), indent=1))
+        _echo(json.dumps(result.summary(), indent=1))
     elif dry_run:
         _print_plan(result)
     elif not quiet:
         retried = [f"batch {b.index} at rung {b.rung}" for b in result.batches if b.rung]
-        typer.echo(f"wrote {result.output} ({result.duration_s:.1f} s, {result.frames} frames, "
+        _echo(f"wrote {result.output} ({result.duration_s:.1f} s, {result.frames} frames, "
                    f"{result.width}x{result.height}; {len(result.batches)} batch(es): "
                    f"{len(result.rendered)} rendered, {len(result.reused)} reused) "
                    f"in {result.seconds:.1f} s")
         if retried:
-            typer.echo(f"after out-of-memory retries: {', '.join(retried)} "
+            _echo(f"after out-of-memory retries: {', '.join(retried)} "
                        f"(lighter settings from the preset's oom_retry)")
         if result.telemetry.get("summary"):
-            typer.echo(f"batches: {result.telemetry['summary']}")
+            _echo(f"batches: {result.telemetry['summary']}")
     if not dry_run:
         log.debug("done", extra={"fields": {"event": "job", "status": "done",
                                             **result.summary()}})
@@ -359,12 +450,12 @@ def batch_cmd(
                 runs_on.shutdown()
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed", "busy")}
     if as_json:
-        typer.echo(json.dumps({"rows": [r.to_dict() for r in results], **counts}, indent=1))
+        _echo(json.dumps({"rows": [r.to_dict() for r in results], **counts}, indent=1))
     elif not quiet:
         width = max(len(r.output) for r in results)
         for r in results:
-            typer.echo(f"{r.status:<8} {r.output:<{width}}  {r.reason}")
-        typer.echo(", ".join(f"{n} {s}" for s, n in counts.items()))
+            _echo(f"{r.status:<8} {r.output:<{width}}  {r.reason}")
+        _echo(", ".join(f"{n} {s}" for s, n in counts.items()))
     code = batch.exit_code(results)
     if code:
         raise typer.Exit(code)
@@ -383,7 +474,7 @@ def doctor_cmd(
     resolved = presets.resolve(preset, presets.parse_set(set_ or [])) if preset or set_ else None
     checks = doctor.run_checks(preset=resolved.preset if resolved else None,
                                jobs_dir=Path.cwd())
-    typer.echo(doctor.to_json(checks) if as_json else doctor.format_text(checks))
+    _echo(doctor.to_json(checks) if as_json else doctor.format_text(checks))
     code = doctor.exit_code(checks)
     if code:
         raise typer.Exit(code)
@@ -418,30 +509,30 @@ def plan_cmd(
                              seen=seen, host_mem_gb=host_mem if host_mem is not None
                              else gpu_info.host_memory_gb())
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=1))
+        _echo(json.dumps(result.to_dict(), indent=1))
         return
-    typer.echo(f"preset {result.preset} (engine {result.engine})")
+    _echo(f"preset {result.preset} (engine {result.engine})")
     if result.estimate is None:
-        typer.echo("  no GPU memory model for this engine (the built-in engine runs on the CPU)")
+        _echo("  no GPU memory model for this engine (the built-in engine runs on the CPU)")
     else:
-        typer.echo(f"  on {result.gpus} x {result.gpu_mem_gb:g} GB:")
+        _echo(f"  on {result.gpus} x {result.gpu_mem_gb:g} GB:")
         for line in result.estimate.lines():
-            typer.echo(f"  {line}")
+            _echo(f"  {line}")
     if result.host is not None:
         for line in result.host.lines():
-            typer.echo(f"  {line}")
+            _echo(f"  {line}")
     if seen:
         peak = seen.get("peak_gpu_gb")
-        typer.echo(f"  seen on {seen['gpu']} in {seen['jobs']} earlier job(s): "
+        _echo(f"  seen on {seen['gpu']} in {seen['jobs']} earlier job(s): "
                    f"{seen['fps']} frames/s" + (f", peak {peak} GB per GPU" if peak else ""))
     if audio is not None:
-        typer.echo(f"  {audio}: {result.duration_s:.1f} s -> {result.frames} frames in "
+        _echo(f"  {audio}: {result.duration_s:.1f} s -> {result.frames} frames in "
                    f"{len(result.batches)} batch(es)")
         for b in result.batches:
-            typer.echo(f"    batch {b['index']:4d}: frames {b['frame_start']}-{b['frame_end'] - 1}"
+            _echo(f"    batch {b['index']:4d}: frames {b['frame_start']}-{b['frame_end'] - 1}"
                        f", {b['clips']} clip(s)")
         if result.est_seconds is not None:
-            typer.echo(f"  estimated time: {result.est_seconds / 60:.1f} min at "
+            _echo(f"  estimated time: {result.est_seconds / 60:.1f} min at "
                        f"{seen['fps']} frames/s")
     if not result.fits:
         raise typer.Exit(1)
@@ -456,9 +547,9 @@ def presets_list(ctx: typer.Context) -> None:
     rows = [presets.describe(info) for info in presets.available().values()]
     width = max((len(r["name"]) for r in rows), default=4)
     for r in rows:
-        typer.echo(f"{r['name']:<{width}}  {r['engine']:<10}  {r['size']:<9}  "
+        _echo(f"{r['name']:<{width}}  {r['engine']:<10}  {r['size']:<9}  "
                    f"{r['description']}  [{r['origin']}]")
-    typer.echo(f"(user presets: {presets.user_dir()})")
+    _echo(f"(user presets: {presets.user_dir()})")
 
 
 @presets_app.command("show")
@@ -470,13 +561,13 @@ def presets_show(
 ) -> None:
     """Print the fully resolved preset as YAML."""
     resolved = presets.resolve(name, presets.parse_set(set_ or []))
-    typer.echo(f"# {resolved.name} ({resolved.origin})")
-    typer.echo(presets.to_yaml(resolved.preset), nl=False)
+    _echo(f"# {resolved.name} ({resolved.origin})")
+    _echo(presets.to_yaml(resolved.preset), nl=False)
 
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"avatarcli {__version__}")
+        _echo(f"avatarcli {__version__}")
         raise typer.Exit()
 
 
@@ -489,4 +580,5 @@ def root(
 
 
 def main() -> None:
+    standard_streams()
     app(prog_name="avatar")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,6 +32,18 @@ def file_digest(path: Path) -> dict[str, Any]:
         while block := f.read(1 << 20):
             h.update(block)
     return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def part_digest(path: Path) -> str | None:
+    """SHA-256 of a part's bytes; None when it cannot be read (then it is rendered again)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 def job_key(inputs: dict[str, Any], rendering: dict[str, Any]) -> str:
@@ -56,6 +69,123 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# Bounds of a job record: far beyond any real job, small enough that nothing overflows.
+MAX_FRAMES = 100_000_000  # about 46 days at 25 fps
+MAX_SIDE = 16_384
+MAX_FPS = 240
+MAX_COUNT = 1_000_000  # attempts, clips, rung numbers and the like
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_num(v: Any, lo: float, hi: float) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_digest(v: Any) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("path"), str)
+            and _is_int(v.get("size"), 0, 1 << 62) and isinstance(v.get("sha256"), str)
+            and len(v["sha256"]) == 64)
+
+
+def _opt(v: Any, check: Any) -> bool:
+    return v is None or check(v)
+
+
+def _plan_problem(plan: Any) -> str | None:
+    if not isinstance(plan, dict) or set(plan) != {"fps", "frames", "width", "height",
+                                                     "infer_frames", "batches"}:
+        return "plan: not a plan"
+    for key, lo, hi in (("fps", 1, MAX_FPS), ("frames", 1, MAX_FRAMES), ("width", 16, MAX_SIDE),
+                        ("height", 16, MAX_SIDE), ("infer_frames", 1, MAX_COUNT)):
+        if not _is_int(plan[key], lo, hi):
+            return f"plan.{key}: {plan[key]!r:.40} is not an integer in [{lo}, {hi}]"
+    batches = plan["batches"]
+    if not isinstance(batches, list) or not 1 <= len(batches) <= plan["frames"]:
+        return "plan.batches: not a list of batches"
+    pos = 0
+    for i, b in enumerate(batches):
+        if not (isinstance(b, dict) and set(b) == {"index", "frame_start", "frame_end", "clips"}
+                and b["index"] == i and _is_int(b["index"], 0, MAX_FRAMES)
+                and b["frame_start"] == pos and _is_int(b["frame_end"], pos + 1, plan["frames"])
+                and _is_int(b["clips"], 1, MAX_COUNT)):
+            return f"plan.batches[{i}]: not the batch that follows frame {pos}"
+        pos = b["frame_end"]
+    if pos != plan["frames"]:
+        return f"plan.batches: cover {pos} of {plan['frames']} frames"
+    return None
+
+
+def _part_problem(i: int, p: Any) -> str | None:
+    ok = (isinstance(p, dict) and p.get("index") == i and _is_int(p.get("index"), 0, MAX_FRAMES)
+          and p.get("state") in PART_STATES
+          and _opt(p.get("pid"), lambda v: _is_int(v, 0, 1 << 31))
+          and _is_int(p.get("attempts", 0), 0, MAX_COUNT)
+          and _is_int(p.get("rung") or 0, 0, MAX_COUNT)
+          and _opt(p.get("seconds"), lambda v: _is_num(v, 0, 1e9))
+          and _opt(p.get("error"), lambda v: isinstance(v, str))
+          and _opt(p.get("failure"), lambda v: isinstance(v, str))
+          and _opt(p.get("sha256"), lambda v: isinstance(v, str) and len(v) == 64)
+          and _telemetry_ok(p.get("telemetry") or {}))
+    return None if ok else f"parts[{i}]: not a part record"
+
+
+def _telemetry_ok(value: Any) -> bool:
+    from avatarcli.telemetry import Telemetry
+
+    if not isinstance(value, dict):
+        return False
+    try:
+        t = Telemetry.from_dict(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return False
+    numbers = [t.wall_s, t.peak_rss_mb or 0.0, t.started_at or 0.0, *t.peak_gpu_mb.values()]
+    return all(math.isfinite(x) and x >= 0 for x in numbers) and 0 <= t.frames <= MAX_FRAMES
+
+
+def manifest_problem(data: Any) -> str | None:
+    """What is wrong with a job record (the first problem), or None when it is usable."""
+    if not isinstance(data, dict):
+        return "not a mapping"
+    if data.get("manifest_version") != MANIFEST_VERSION:
+        return f"manifest_version: {data.get('manifest_version')!r:.40}"
+    if not (isinstance(data.get("key"), str) and len(data["key"]) == 16):
+        return "key: not a job key"
+    inputs = data.get("inputs")
+    if not (isinstance(inputs, dict) and _is_digest(inputs.get("audio"))
+            and _is_digest(inputs.get("image"))):
+        return "inputs: not the digests of an audio and an image file"
+    preset = data.get("preset")
+    if not (isinstance(preset, dict) and isinstance(preset.get("values"), dict)):
+        return "preset: no values"
+    audio = data.get("audio")
+    if not (isinstance(audio, dict) and _is_num(audio.get("duration_s"), 0, MAX_FRAMES)
+            and isinstance(audio.get("silent"), bool)):
+        return "audio: not a duration and a silent flag"
+    face = data.get("face")
+    if not _opt(face, lambda v: isinstance(v, list) and len(v) == 4
+                and all(_is_int(x, -MAX_SIDE, 1 << 20) for x in v)):
+        return f"face: {face!r:.40} is not a box"
+    if not isinstance(data.get("engine_state", {}), dict):
+        return "engine_state: not a mapping"
+    if not (isinstance(data.get("warnings", []), list)
+            and all(isinstance(w, str) for w in data.get("warnings", []))):
+        return "warnings: not a list of strings"
+    problem = _plan_problem(data.get("plan"))
+    if problem:
+        return problem
+    parts = data.get("parts")
+    if not isinstance(parts, list) or len(parts) != len(data["plan"]["batches"]):
+        return "parts: not one record per batch of the plan"
+    for i, p in enumerate(parts):
+        problem = _part_problem(i, p)
+        if problem:
+            return problem
+    return None
 
 
 def now() -> str:
@@ -90,6 +220,17 @@ class JobDir:
         # can never rename another attempt's half-written file into place.
         return self.path / "parts" / f".part-{index:04d}.{os.getpid()}.tmp.mp4"
 
+    @property
+    def audio(self) -> Path:
+        """The recording decoded once to PCM: the one timeline that slicing and muxing use."""
+        return self.path / "audio.wav"
+
+    def remove_temporaries(self) -> None:
+        """Temporary files of an assembly that was killed (they are as big as the video)."""
+        for pattern in (".output.*.tmp.mp4", ".concat-*.txt"):
+            for stale in self.path.glob(pattern):
+                stale.unlink(missing_ok=True)
+
     def log(self, index: int) -> Path:
         return self.path / "logs" / f"batch-{index:04d}.log"
 
@@ -115,20 +256,17 @@ class JobDir:
                     entry.unlink(missing_ok=True)
 
     def load(self) -> dict[str, Any]:
-        """The manifest, checked enough that a damaged or hand-edited one is refused clearly."""
+        """The manifest, checked field by field (types and bounds), so that a damaged or
+        hand-edited one is refused clearly instead of failing later, on every rerun."""
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise InputError(f"{self.manifest_path}: job manifest is damaged ({exc}); "
                              f"rerun with --force to start the job over") from exc
-        ok = (isinstance(data, dict) and data.get("manifest_version") == MANIFEST_VERSION
-              and isinstance(data.get("key"), str) and isinstance(data.get("parts"), list)
-              and isinstance(data.get("plan"), dict))
-        if ok:
-            ok = all(isinstance(p, dict) and p.get("state") in PART_STATES for p in data["parts"])
-        if not ok:
+        problem = manifest_problem(data)
+        if problem is not None:
             raise InputError(f"{self.manifest_path}: job manifest is damaged or from another "
-                             f"version; rerun with --force to start the job over")
+                             f"version ({problem}); rerun with --force to start the job over")
         return data
 
     def save(self, manifest: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ and exact counts from decoding with `-progress` output.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import re
 import subprocess
@@ -101,12 +102,40 @@ def _parse_stream(kind: str, desc: str) -> Stream:
     )
 
 
+# The audio's one timeline: gaps in its timestamps (a late start in a video, a damaged
+# stretch of an MP3) are filled with silence, so every decode of it has the same length and
+# the audio stays where a player would put it.
+TIMELINE_FILTER = "aresample=async=1:first_pts=0"
+
+
+def decode_to_wav(src: Path, dst: Path) -> float:
+    """Decode the first audio track of `src`, on its timeline, to a 16-bit PCM WAV at its own
+    rate and channels; written under a temporary name, then renamed. Returns its seconds."""
+    import wave
+
+    tmp = dst.with_name(f".{dst.name}.tmp.wav")
+    args = ["-v", "error", "-y", "-i", str(src), "-map", "0:a:0", "-af", TIMELINE_FILTER,
+            "-c:a", "pcm_s16le", "-f", "wav", str(tmp)]
+    try:
+        ffmpeg.run(args)
+        with wave.open(str(tmp), "rb") as w:
+            seconds = w.getnframes() / w.getframerate()
+        os.replace(tmp, dst)
+    except ffmpeg.FFmpegError as exc:
+        raise InputError(f"{src}: cannot decode audio ({ffmpeg.tail(exc.stderr_tail, 1)})"
+                         ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return seconds
+
+
 def decode_audio_chunks(path: Path, *, rate: int = ANALYSIS_RATE,
                         chunk_samples: int = ANALYSIS_RATE * 10) -> Iterator[np.ndarray]:
     """Stream the first audio track as mono float32 at `rate`, in chunks (flat memory)."""
     args = (
         ffmpeg_python.input(str(path))
-        .output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=rate, map="0:a:0")
+        .output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=rate, map="0:a:0",
+                af=TIMELINE_FILTER)
         .global_args("-loglevel", "error")
         .get_args()
     )
@@ -128,6 +157,8 @@ def decode_audio_chunks(path: Path, *, rate: int = ANALYSIS_RATE,
             yield np.frombuffer(pending[:usable], dtype="<f4")
         err = proc.stderr.read().decode("utf-8", "replace")
         if proc.wait() != 0:
+            # Killed (the host's out-of-memory killer) or out of memory/disk: not the file.
+            ffmpeg.raise_for_environment(proc.returncode, err, args)
             raise InputError(f"{path}: cannot decode audio ({ffmpeg.tail(err, 1)})")
     finally:
         if proc.poll() is None:
@@ -193,6 +224,7 @@ class VideoWriter:
             .global_args("-loglevel", "error", "-y")
             .get_args()
         )
+        self._args = args
         self._proc = ffmpeg.popen(args, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self._proc.stdin is not None
         with contextlib.suppress(OSError, AttributeError):  # Linux only; a bigger buffer helps
@@ -230,7 +262,9 @@ class VideoWriter:
             with contextlib.suppress(BrokenPipeError):
                 self._proc.stdin.close()
         err = self._proc.stderr.read().decode("utf-8", "replace") if self._proc.stderr else ""
-        if self._proc.wait() != 0 or self._error is not None:
+        if self._proc.wait() != 0:  # a full disk or a killed encoder: the machine's problem
+            ffmpeg.raise_for_environment(self._proc.returncode, err, self._args)
+        if self._proc.returncode != 0 or self._error is not None:
             raise ffmpeg.FFmpegError(f"ffmpeg could not encode {self.path}: "
                                      f"{ffmpeg.tail(err, 3) or self._error}", ffmpeg.tail(err))
 

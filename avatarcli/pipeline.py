@@ -22,7 +22,7 @@ from avatarcli.assemble import assemble
 from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, InputError
 from avatarcli.ffmpeg import ffmpeg_exe
-from avatarcli.job import JobDir, JobLock, file_digest, job_key, now
+from avatarcli.job import JobDir, JobLock, file_digest, job_key, now, part_digest
 from avatarcli.options import NON_RENDERING_KEYS, Preset
 from avatarcli.plan import Plan, make_plan
 from avatarcli.presets import ResolvedPreset, parse_size
@@ -125,27 +125,94 @@ def default_output(audio: Path) -> Path:
     return out.with_name(audio.stem + ".avatar.mp4") if out == audio else out
 
 
+def path_problem(path: Path, what: str) -> str | None:
+    """Why `path` cannot be used as given (a symlink loop, a name that is not UTF-8 or too
+    long, a path through a file), or None. Nothing is created."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{path}: {what} path is not valid UTF-8; rename the file"
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return None  # said by the caller, which knows whether it must exist
+    except OSError as exc:
+        return f"{path}: {what} path cannot be used ({exc.strerror})"
+    except ValueError:  # a NUL byte
+        return f"{str(path)!r}: {what} path contains a NUL byte"
+    return None
+
+
+def job_folder_of(path: Path) -> Path | None:
+    """The job folder (`OUT.parts/` with a manifest or lock) that `path` lies inside, if any.
+
+    Such a folder is removed when its job finishes, taking anything put there with it."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: reported by path_problem
+        return None
+    for folder in real.parents:
+        if folder.name.endswith(".parts") and ((folder / "manifest.json").is_file()
+                                               or (folder / "lock").is_file()):
+            return folder
+    return None
+
+
+def name_problem(output: Path) -> str | None:
+    """The output's name must leave room for its job folder (`NAME.parts`) and temporaries."""
+    try:
+        limit = os.pathconf(output.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(output.name)) + len(".parts") > limit:
+        return (f"{output}: output file name is too long for this filesystem "
+                f"(at most {limit - len('.parts')} bytes, to leave room for its job folder)")
+    return None
+
+
 def _check_paths(audio: Path, image: Path, output: Path, *, force: bool,
                  dry_run: bool) -> list[str]:
     problems = []
     for what, path in (("audio", audio), ("image", image)):
-        if not path.exists():
+        bad = path_problem(path, what)
+        if bad:
+            problems.append(bad)
+        elif not path.exists():
             problems.append(f"{path}: {what} file not found")
         elif not path.is_file():
             problems.append(f"{path}: {what} is not a file")
         elif not os.access(path, os.R_OK):
             problems.append(f"{path}: {what} file is not readable")
+        elif (inside := job_folder_of(path)) is not None:
+            problems.append(f"{path}: {what} file lies inside the job folder {inside}, which "
+                            f"is removed when that job finishes; move it elsewhere")
+    bad = path_problem(output, "output") or path_problem(output.parent, "output folder")
+    if bad:
+        problems.append(bad)
+        return problems
     folder = output.parent
+    job = JobDir.for_output(output).path
     if not folder.is_dir():
         problems.append(f"{output}: output folder {folder} does not exist")
     elif not os.access(folder, os.W_OK | os.X_OK):
         problems.append(f"{output}: output folder {folder} is not writable")
     elif output.is_dir():
         problems.append(f"{output}: output is a folder")
+    elif (inside := job_folder_of(output)) is not None:
+        problems.append(f"{output}: output lies inside the job folder {inside}, which is "
+                        f"removed when that job finishes; choose another folder")
+    elif (too_long := name_problem(output)) is not None:
+        problems.append(too_long)
+    elif (job.exists() or job.is_symlink()) and not job.is_dir():
+        problems.append(f"{job}: the job folder of {output.name} exists but is not a folder; "
+                        f"move it away")
     elif output.exists() and not force and not dry_run:
         problems.append(f"{output}: output exists (use --force to overwrite)")
-    if output.resolve() in (audio.resolve(), image.resolve()):
-        problems.append(f"{output}: output would overwrite an input")
+    try:
+        if output.resolve() in (audio.resolve(), image.resolve()):
+            problems.append(f"{output}: output would overwrite an input")
+    except (OSError, RuntimeError):  # a symlink loop among the inputs: reported above
+        pass
     return problems
 
 
@@ -191,18 +258,13 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
     # 1. Every input, the ffmpeg binary and the engine's set-up, all problems reported together.
     problems = _check_paths(audio, image, output, force=force, dry_run=dry_run)
     rgb = None
-    try:
-        ffmpeg_exe()
-        have_ffmpeg = True
-    except AvatarError as exc:
-        problems.append(str(exc))
-        have_ffmpeg = False
-    if audio.is_file() and have_ffmpeg:
+    ffmpeg_exe()  # a missing or broken ffmpeg is this machine's problem: said first, alone
+    if not path_problem(audio, "audio") and audio.is_file():
         try:
             _check_audio(audio)
         except InputError as exc:
             problems.append(str(exc))
-    if image.is_file():
+    if not path_problem(image, "image") and image.is_file():
         try:
             rgb = portrait.load(image)
         except InputError as exc:
@@ -211,6 +273,10 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
     warnings: list[str] = []
     if rgb is not None:
         src_h, src_w = rgb.shape[:2]
+        if face and not (face[0] + face[2] <= src_w and face[1] + face[3] <= src_h):
+            problems.append(f"--face {','.join(map(str, face))}: the box lies outside the image "
+                            f"{image} ({src_w}x{src_h} px)")
+            face = None
         width, height = engine.frame_size(parse_size(preset.size), src_w, src_h)
         out_face = portrait.map_box(face, src_w, src_h, width, height) if face else None
         inputs = JobInputs(audio=audio, image=image, job_dir=job.path, portrait=job.portrait,
@@ -248,21 +314,25 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
         return result
 
     # 3-5. Under the job's lock: another live process rendering it makes this one stop.
-    with JobLock(job):
-        if output.exists() and not force:  # it may have appeared while we were checking
-            raise InputError(f"{output}: output exists (use --force to overwrite)")
-        own_pool = pool is None and executor is None and engines.resident(preset)
-        if own_pool:
-            pool = ResidentPool()
-        try:
+    use_pool = executor is None and engines.resident(preset)
+    own_pool = use_pool and pool is None
+    if own_pool:
+        pool = ResidentPool()
+    try:
+        with JobLock(job):
+            if output.exists() and not force:  # it may have appeared while we were checking
+                raise InputError(f"{output}: output exists (use --force to overwrite)")
             _run_job(job, engine, resolved, inputs, plan, feats, rgb, slots, result, events,
-                     force=force, executor=executor,
-                     pool=pool if executor is None and engines.resident(preset) else None)
-        finally:
-            if own_pool and pool is not None:
-                pool.close()
-        if not keep_parts:
-            job.remove()  # under the lock, so no other process starts on a half-removed job
+                     force=force, executor=executor, pool=pool if use_pool else None)
+            if not keep_parts:
+                job.remove()  # under the lock, so no other process starts on a half-removed job
+    except OSError as exc:
+        if exc.filename is None:  # a write through a library (an image, an array): say where
+            exc.filename = str(job.path)
+        raise
+    finally:
+        if own_pool and pool is not None:
+            pool.close()
     result.seconds = time.monotonic() - started
     return result
 
@@ -275,7 +345,10 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
     preset = resolved.preset
     digests = {"audio": file_digest(inputs.audio), "image": file_digest(inputs.image)}
     key = _key(digests, preset, inputs.face)
-    manifest = _open_job(job, key, force=force)
+    expected = {"plan": plan.to_dict(), "face": list(inputs.face) if inputs.face else None,
+                "inputs": {k: v["sha256"] for k, v in digests.items()},
+                "values": _rendering(preset)}
+    manifest = _open_job(job, key, force=force, expected=expected)
     if manifest is None:
         manifest = _new_job(job, key, digests, resolved, plan, feats, rgb, inputs, engine,
                             events, result)
@@ -285,8 +358,13 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
             events.warn(w)
     plan = Plan.from_dict(manifest["plan"])
     parts = manifest["parts"]
+    if not job.audio.is_file():  # a job made before the timeline was kept in it
+        _decode_timeline(job, inputs.audio, feats, plan)
 
+    # A part is reused only if it is the very file that was verified (its content hash):
+    # another valid video of the same length and size put in its place is rendered again.
     reused = [p["index"] for p in parts if p["state"] == "done"
+              and part_digest(job.part(p["index"])) == p.get("sha256")
               and is_whole(job.part(p["index"]), frames=plan.batches[p["index"]].frames,
                            width=plan.width, height=plan.height, fps=plan.fps)]
     pending = [b.index for b in plan.batches if b.index not in reused]
@@ -322,9 +400,11 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
                 job.save(manifest)
 
     # Join, mux the original audio once, verify, publish.
-    assemble([job.part(b.index) for b in plan.batches], inputs.audio, result.output,
+    job.remove_temporaries()  # of an assembly killed in an earlier run
+    assemble([job.part(b.index) for b in plan.batches], job.audio, result.output,
              audio_s=feats.duration_s, frames=plan.frames, width=plan.width,
-             height=plan.height, fps=plan.fps, tag=f"{TAG_PREFIX}{key}")
+             height=plan.height, fps=plan.fps, tag=f"{TAG_PREFIX}{key}", work_dir=job.path,
+             overwrite=force)
     manifest["finished"] = now()
     if pool is not None:
         manifest["workers"] = pool.records(job.path)
@@ -336,8 +416,12 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
     history.record(preset, result.telemetry)
 
 
+def _rendering(preset: Preset) -> dict[str, Any]:
+    return {k: v for k, v in preset.to_dict().items() if k not in NON_RENDERING_KEYS}
+
+
 def _key(digests: dict[str, Any], preset: Preset, face: tuple[int, int, int, int] | None) -> str:
-    rendering = {k: v for k, v in preset.to_dict().items() if k not in NON_RENDERING_KEYS}
+    rendering = _rendering(preset)
     rendering["face"] = list(face) if face else None
     return job_key(digests, rendering)
 
@@ -357,12 +441,18 @@ def output_is_current(output: Path, audio: Path, image: Path, preset: Preset) ->
     return info.tags.get("comment") == f"{TAG_PREFIX}{_key(digests, preset, None)}"
 
 
-def _open_job(job: JobDir, key: str, *, force: bool) -> dict[str, Any] | None:
-    """The existing manifest when it belongs to this job; None to start a new job."""
+def _open_job(job: JobDir, key: str, *, force: bool,
+              expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The existing manifest when it belongs to this job; None to start a new job.
+
+    With `force`, a job record that cannot be used as it is (damaged, hand-edited, another
+    job's) is always discarded: --force starts over whatever is in the folder."""
     if not job.exists():
         return None
     try:
         manifest = job.load()
+        if manifest["key"] == key:
+            _check_consistent(job, manifest, expected)
     except InputError:
         if force:
             job.clear()
@@ -377,12 +467,38 @@ def _open_job(job: JobDir, key: str, *, force: bool) -> dict[str, Any] | None:
     return None
 
 
+def _check_consistent(job: JobDir, manifest: dict[str, Any], expected: dict[str, Any]) -> None:
+    """A record with this job's key must say what this job would say now (the plan, inputs,
+    face and settings are all decided by the key); anything else was edited or damaged."""
+    found = {"plan": manifest["plan"], "face": manifest.get("face"),
+             "inputs": {k: v["sha256"] for k, v in manifest["inputs"].items()},
+             "values": {k: v for k, v in manifest["preset"]["values"].items()
+                        if k not in NON_RENDERING_KEYS}}
+    for name, value in expected.items():
+        if found[name] != value:
+            raise InputError(f"{job.manifest_path}: job manifest is damaged ({name} differs "
+                             f"from what its inputs and settings give); rerun with --force "
+                             f"to start the job over")
+
+
+def _decode_timeline(job: JobDir, audio: Path, feats: analysis.AudioFeatures,
+                     plan: Plan) -> None:
+    """Decode the recording once into the job (`audio.wav`); slicing and muxing use only
+    that file, so the length planned is the length muxed, on every run."""
+    seconds = media.decode_to_wav(audio, job.audio)
+    if analysis.frame_count(seconds, plan.fps) != plan.frames:
+        job.audio.unlink(missing_ok=True)
+        raise InputError(f"{audio}: decodes to {feats.duration_s:.3f} s in one pass and "
+                         f"{seconds:.3f} s in another; re-encode it (e.g. to WAV) and retry")
+
+
 def _new_job(job: JobDir, key: str, digests: dict[str, Any], resolved: ResolvedPreset,
              plan: Plan, feats: analysis.AudioFeatures, rgb: np.ndarray, inputs: JobInputs,
              engine: Engine, events: Events, result: Result) -> dict[str, Any]:
     from PIL import Image
 
     job.create()
+    _decode_timeline(job, inputs.audio, feats, plan)
     fitted = portrait.fit(rgb, plan.width, plan.height)
     tmp = job.portrait.with_suffix(".tmp.png")
     Image.fromarray(fitted).save(tmp)
@@ -430,7 +546,9 @@ def _manifest_hooks(job: JobDir, manifest: dict[str, Any], bar: Any) -> Hooks:
         job.save(manifest)
 
     def finished(r: BatchResult) -> None:
+        # The verified part's content hash: what a resume checks before reusing it.
         parts[r.index].update(state="done", pid=None, finished=now(), rung=r.rung,
+                              sha256=part_digest(job.part(r.index)),
                               seconds=round(r.seconds, 3), error=None, failure=None,
                               telemetry=_with_frames(r.telemetry, frames[r.index]))
         if r.worker:  # which resident worker rendered it, and whether it paid the load

@@ -19,10 +19,16 @@ def load(path: Path) -> np.ndarray:
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. DecompressionBombWarning, truncated EXIF
+            warnings.simplefilter("ignore")  # e.g. truncated EXIF
+            # More pixels than Pillow's bound (about 89 megapixels) is a decompression bomb,
+            # not a portrait: refused before anything is decoded.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
                 rgb = _flatten(ImageOps.exif_transpose(im))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{path}: image is too large to be a portrait "
+                         f"(at most {Image.MAX_IMAGE_PIXELS} pixels): {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         rgb = _load_cv2(path)
     h, w = rgb.shape[:2]
@@ -35,6 +41,8 @@ def _flatten(im: object) -> np.ndarray:
     from PIL import Image
 
     assert isinstance(im, Image.Image)
+    im = _to_8bit(im)
+    assert isinstance(im, Image.Image)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -42,13 +50,34 @@ def _flatten(im: object) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
 
 
+def _to_8bit(im: object) -> object:
+    """Deep images (16-bit grey `I;16*`, 32-bit `I`, float `F`) scaled to 8 bits per channel.
+
+    Pillow's own conversion to RGB clips them (every value above 255 turns white)."""
+    from PIL import Image
+
+    assert isinstance(im, Image.Image)
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    a = np.asarray(im).astype(np.float64)
+    if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.max() > 255):
+        a = a / 257.0  # 0..65535 -> 0..255
+    elif im.mode == "F" and a.size and a.max() <= 1.0:
+        a = a * 255.0  # floating point images in [0, 1]
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
 def _load_cv2(path: Path) -> np.ndarray:
     import cv2
 
     data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else np.zeros(0, np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_COLOR) if data.size else None
     if img is None:
         raise InputError(f"{path}: not an image Pillow or OpenCV can read")
+    if img.dtype == np.uint16:  # 48-bit colour: scale, never clip
+        img = np.rint(img / 257.0).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = np.clip(img * (255.0 if img.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(img[:, :, ::-1])
 
 

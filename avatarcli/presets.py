@@ -65,7 +65,8 @@ def available() -> dict[str, PresetInfo]:
         if not folder.is_dir():
             continue
         for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
-            found[path.stem] = PresetInfo(path.stem, origin, path)
+            if path.is_file():  # a FIFO named like a preset would block `avatar presets`
+                found[path.stem] = PresetInfo(path.stem, origin, path)
     return dict(sorted(found.items()))
 
 
@@ -73,18 +74,66 @@ def _looks_like_file(ref: str) -> bool:
     return ref.endswith((".yaml", ".yml")) or os.sep in ref or "/" in ref
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+MAX_YAML_NODES = 100_000  # nodes after expanding aliases; a real preset or manifest has far fewer
+
+
+def load_yaml(text: str, path: Path) -> Any:
+    """`yaml.safe_load` with the expansion of aliases bounded.
+
+    An alias is cheap to write and, nested, expands exponentially ("billion laughs"): any
+    later walk of the data (a merge, a message quoting a value) would run until memory runs
+    out. The node tree is counted as it would expand, before anything is built from it.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read preset ({exc.strerror or exc})") from exc
-    try:
-        data = yaml.safe_load(text)
+        return _bounded_load(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise InputError(f"{where}: YAML syntax error: {problem}") from exc
+
+
+def _bounded_load(text: str, where: str) -> Any:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_nodes(node, where)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _count_nodes(root: yaml.Node, where: str) -> None:
+    seen = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise InputError(f"{where}: YAML expands to more than {MAX_YAML_NODES} values "
+                             f"(aliases nested in aliases?); refused")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.extend((key, value))
+
+
+MAX_PRESET_BYTES = 1 << 20  # a preset is a few hundred bytes; more is not a preset
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        if path.stat().st_size > MAX_PRESET_BYTES:
+            raise InputError(f"{path}: not a preset (over {MAX_PRESET_BYTES >> 20} MiB)")
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read preset ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a preset (not UTF-8 text)") from None
+    data = load_yaml(text, path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -152,7 +201,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise InputError(f"--set {item!r}: expected KEY=VALUE (e.g. --set infer_frames=48)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _bounded_load(raw, f"--set {key}") if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         parts = key.split(".")

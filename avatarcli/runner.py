@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shlex
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from avatarcli.errors import EngineError, OutOfMemoryError
+from avatarcli.errors import EngineError, EnvironmentProblem, OutOfMemoryError
 from avatarcli.options import WorkerOptions
 from avatarcli.resident import ResidentHandle, ResidentPool
 from avatarcli.telemetry import Sampler
@@ -30,6 +31,7 @@ from avatarcli.telemetry import Sampler
 log = logging.getLogger(__name__)
 
 EXIT_OOM = 4  # what avatarcli.worker exits with on out-of-memory
+EXIT_ENVIRONMENT = EnvironmentProblem.exit_code  # ... on a problem of the machine (disk full)
 LOG_TAIL_LINES = 12
 
 
@@ -324,7 +326,7 @@ class Runner:
                         "it again in a new worker", index, -rc)
             self._launch(index, slot, rung, retried=True)
             return
-        kind = "oom" if rc == EXIT_OOM else "crash"
+        kind = "oom" if rc == EXIT_OOM else "environment" if rc == EXIT_ENVIRONMENT else "crash"
         reason = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
         if kind == "oom":
             reason = (f"out of memory at rung {rung} of {self.oom_rungs}" if self.oom_rungs
@@ -339,6 +341,11 @@ class Runner:
                            f"of {log_path}:\n{tail}")
         with self.hooks.lock:
             self.hooks.failed(index, kind, message, telemetry)
+        if kind == "environment":  # the batch's log says what: a full disk, a killed ffmpeg
+            said = re.sub(r"^[\d-]+ [\d:,]+ \w+ [\w.]+: ", "", lines[-1].strip()) if lines else ""
+            raise EnvironmentProblem(f"batch {index}: {said}" if said else
+                                     f"batch {index} stopped by a problem of this machine; "
+                                     f"its log: {log_path}")
         raise (OutOfMemoryError if kind == "oom" else EngineError)(message)
 
     def _pump(self, index: int, handle: BatchHandle) -> None:

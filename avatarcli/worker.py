@@ -14,6 +14,7 @@ codes on the first failure (the runner then replaces it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -21,12 +22,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from avatarcli import engines, presets
 from avatarcli.engines.base import Engine, JobInputs, PartTask
-from avatarcli.errors import AvatarError, OutOfMemoryError
+from avatarcli.errors import AvatarError, EnvironmentProblem, OutOfMemoryError, from_os_error
 from avatarcli.job import JobDir
 from avatarcli.options import Preset
 from avatarcli.plan import Plan
@@ -36,6 +37,7 @@ log = logging.getLogger("avatarcli.worker")
 
 EXIT_FAILED = 3
 EXIT_OOM = 4
+EXIT_ENVIRONMENT = EnvironmentProblem.exit_code  # disk full, ffmpeg killed: this machine
 EXIT_ORPHANED = 70  # the parent died: stop rather than render for nobody
 
 
@@ -49,7 +51,8 @@ def task_from_manifest(job: JobDir, manifest: dict, index: int,
     plan = Plan.from_dict(manifest["plan"])
     face = manifest.get("face")
     inputs = JobInputs(
-        audio=Path(manifest["inputs"]["audio"]["path"]),
+        # The recording decoded once into the job: every part is cut from the same timeline.
+        audio=job.audio if job.audio.is_file() else Path(manifest["inputs"]["audio"]["path"]),
         image=Path(manifest["inputs"]["image"]["path"]),
         job_dir=job.path, portrait=job.portrait, features=job.features,
         width=plan.width, height=plan.height, fps=plan.fps,
@@ -147,33 +150,78 @@ def tree_rss_mb(pid: int | None = None) -> float:
     return total / 2**20
 
 
+class _Resident:
+    """What a resident worker keeps between batches: the engine holding the loaded model."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.report: dict[str, object] = {}
+
+    def render(self, spec: dict[str, object]) -> None:
+        job, preset, task = load_task(Path(str(spec["job"])), int(str(spec["index"])),
+                                      int(str(spec.get("rung", 0))),
+                                      _slot(spec.get("slot")))
+        fresh = engines.create(preset)
+        if self.engine is not None and not fresh.take_over(self.engine):
+            self.engine.close()  # another model: the old one goes
+        self.engine = fresh
+        started = time.monotonic()
+        render_with(fresh, job, task)
+        self.report = {"index": task.batch.index, "seconds": time.monotonic() - started,
+                       "rss_mb": round(tree_rss_mb(), 1), "gpu": fresh.memory_report(),
+                       **fresh.worker_facts()}
+        log.info("batch %d done in a resident worker: %s", task.batch.index, self.report)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def _slot(value: object) -> dict[str, str]:
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
 def serve() -> int:
-    """The resident worker's loop (see the module docstring)."""
-    engine: Engine | None = None
-    channel = sys.stdout
+    """The resident worker's loop (see the module docstring); its exit code."""
+    state = _Resident()
     try:
         for line in sys.stdin:
             if not line.strip():
                 continue
-            task_spec = json.loads(line)
-            with _log_into(Path(task_spec["log"])):
-                job, preset, task = load_task(Path(task_spec["job"]), int(task_spec["index"]),
-                                              int(task_spec.get("rung", 0)),
-                                              dict(task_spec.get("slot") or {}))
-                fresh = engines.create(preset)
-                if engine is not None and not fresh.take_over(engine):
-                    engine.close()  # another model: the old one goes
-                engine = fresh
-                started = time.monotonic()
-                render_with(engine, job, task)
-                report = {"index": task.batch.index, "seconds": time.monotonic() - started,
-                          "rss_mb": round(tree_rss_mb(), 1), "gpu": engine.memory_report(),
-                          **engine.worker_facts()}
-                log.info("batch %d done in a resident worker: %s", task.batch.index, report)
-            print("done " + json.dumps(report), file=channel, flush=True)
+            spec = json.loads(line)
+            with _log_into(Path(spec["log"])):  # errors too go to that batch's log
+                code = _exit_code(functools.partial(state.render, spec))
+            if code != 0:
+                return code
+            print("done " + json.dumps(state.report), flush=True)
     finally:
-        if engine is not None:
-            engine.close()
+        state.close()
+    return 0
+
+
+def _exit_code(fn: Callable[[], None]) -> int:
+    """Run one batch; its failure as the batch process's exit code, logged."""
+    try:
+        fn()
+    except Orphaned as exc:
+        log.error("stopping: %s", exc)
+        return EXIT_ORPHANED
+    except OutOfMemoryError as exc:
+        log.error("out of memory: %s", exc)
+        return EXIT_OOM
+    except EnvironmentProblem as exc:
+        log.error("%s", exc)
+        return EXIT_ENVIRONMENT
+    except OSError as exc:  # a full disk while writing the part: the machine, not the job
+        known = from_os_error(exc)
+        if not isinstance(known, EnvironmentProblem):
+            raise
+        log.error("%s", known)
+        return EXIT_ENVIRONMENT
+    except AvatarError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
     return 0
 
 
@@ -200,37 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args == ["--resident"]:
-        if os.getpgid(0) == os.getpid():
-            watch_parent(os.getppid())
-        try:
-            return serve()
-        except Orphaned as exc:
-            log.error("stopping: %s", exc)
-            return EXIT_ORPHANED
-        except OutOfMemoryError as exc:
-            log.error("out of memory: %s", exc)
-            return EXIT_OOM
-        except AvatarError as exc:
-            log.error("%s", exc)
-            return EXIT_FAILED
-    if len(args) != 2:
-        print("usage: python -m avatarcli.worker JOB_DIR INDEX", file=sys.stderr)
+    resident = args == ["--resident"]
+    if not resident and len(args) != 2:
+        print("usage: python -m avatarcli.worker JOB_DIR INDEX | --resident", file=sys.stderr)
         return 2
     if os.getpgid(0) == os.getpid():  # only when started as a group leader by the runner
         watch_parent(os.getppid())
-    try:
-        render_part(Path(args[0]), int(args[1]))
-    except Orphaned as exc:
-        log.error("stopping: %s", exc)
-        return EXIT_ORPHANED
-    except OutOfMemoryError as exc:
-        log.error("out of memory: %s", exc)
-        return EXIT_OOM
-    except AvatarError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILED
-    return 0
+    if resident:
+        return serve()
+    return _exit_code(lambda: render_part(Path(args[0]), int(args[1])))
 
 
 if __name__ == "__main__":
