@@ -264,7 +264,8 @@ def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
                          "settings (use --redo to render it again)", 2)
     try:
         generate(row.audio, row.image, row.resolved, output=row.output, jobs=jobs, gpus=gpus,
-                 force=redo, keep_parts=keep_parts, events=events, executor=executor,
+                 force=redo, keep_parts=keep_parts, events=events,
+                 executor=None if executor is None else executor.for_row(row.resolved.preset),
                  pool=pool)
     except BusyError as exc:
         return RowResult(row.where, out, "busy", str(exc), exc.exit_code)

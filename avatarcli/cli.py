@@ -421,8 +421,16 @@ def batch_cmd(
     if valid:
         inputs = {p.absolute() for r in valid for p in (r.audio, r.image)}
         outputs = {r.output.parent.absolute() for r in valid}
-        runs_on = _executor(executor, ray_address, valid[0].resolved.preset,  # type: ignore[union-attr]
-                            sorted(inputs), sorted(outputs), gpus)
+        # Each row asks for its own preset's resources (batch.py: executor.for_row); the
+        # cluster is checked for the most demanding row's.
+        neediest = valid[0].resolved.preset  # type: ignore[union-attr]
+        if executor == "ray":
+            from avatarcli.ray_executor import batch_resources
+
+            neediest = max((r.resolved.preset for r in valid if r.resolved is not None),
+                           key=lambda p: batch_resources(p)[1])
+        runs_on = _executor(executor, ray_address, neediest, sorted(inputs), sorted(outputs),
+                            gpus)
     if runs_on is None and rows_at_once > 1:
         raise InputError("--rows above 1 needs --executor ray (rows share this machine's cores)")
     show = _show_bar(quiet or as_json)

@@ -37,6 +37,7 @@ when it is missing.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import json
 import logging
@@ -346,6 +347,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
+def batch_resources(preset: Preset | ResolvedPreset) -> tuple[float, float]:
+    """(CPUs, GPUs) one batch of `preset` asks of a node: liveavatar its `gpus_per_run` GPUs,
+    a command engine 1 GPU, the built-in engine 1 CPU and no GPU."""
+    p = preset.preset if isinstance(preset, ResolvedPreset) else preset
+    gpus: float = 0
+    if p.engine == "liveavatar":
+        gpus = p.liveavatar.gpus_per_run
+    elif p.engine == "command":
+        gpus = 1  # external models (SadTalker, Wav2Lip...) want a GPU of their own
+    return 1, gpus
+
+
 class RayExecutor:
     """Runs each batch process as a Ray task on some node of a Ray cluster.
 
@@ -385,16 +398,17 @@ class RayExecutor:
     def for_preset(cls, preset: Preset | ResolvedPreset, address: str = "auto", *,
                    max_retries: int = 2, runtime_env: dict[str, Any] | None = None,
                    init_kwargs: dict[str, Any] | None = None) -> RayExecutor:
-        """An executor that asks what one batch of `preset` needs: liveavatar its
-        `gpus_per_run` GPUs, a command engine 1 GPU, the built-in engine 1 CPU and no GPU."""
-        p = preset.preset if isinstance(preset, ResolvedPreset) else preset
-        gpus: float = 0
-        if p.engine == "liveavatar":
-            gpus = p.liveavatar.gpus_per_run
-        elif p.engine == "command":
-            gpus = 1  # external models (SadTalker, Wav2Lip...) want a GPU of their own
-        return cls(address, num_gpus_per_task=gpus, num_cpus_per_task=1,
+        """An executor that asks what one batch of `preset` needs (see batch_resources)."""
+        cpus, gpus = batch_resources(preset)
+        return cls(address, num_gpus_per_task=gpus, num_cpus_per_task=cpus,
                    max_retries=max_retries, runtime_env=runtime_env, init_kwargs=init_kwargs)
+
+    def for_row(self, preset: Preset | ResolvedPreset) -> RayExecutor:
+        """This executor (same cluster, same connection) asking what one batch of `preset`
+        needs: each row of a manifest gets its own preset's resources, not the first row's."""
+        view = copy.copy(self)
+        view.num_cpus_per_task, view.num_gpus_per_task = batch_resources(preset)
+        return view
 
     def task_options(self) -> dict[str, Any]:
         """The `.options(...)` every batch task is submitted with."""

@@ -139,6 +139,10 @@ class Executor(Protocol):
         """Start `cmd` (a worker command) with `env` added, its stderr to `log_path`."""
         ...
 
+    def for_row(self, preset: Any) -> Executor:
+        """This executor for one row of a manifest, asking for that row's preset's resources."""
+        ...
+
 
 class LocalHandle:
     def __init__(self, proc: subprocess.Popen[bytes], sampler: Sampler) -> None:
@@ -169,6 +173,9 @@ class LocalExecutor:
 
     def slots(self, jobs: int) -> list[dict[str, str]] | None:
         return None  # this machine's GPUs: the engine knows how to share them
+
+    def for_row(self, preset: Any) -> LocalExecutor:
+        return self  # this machine's GPUs are shared out by the engine, row by row
 
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path,
               gpu_ids: list[str]) -> LocalHandle:

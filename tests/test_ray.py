@@ -222,6 +222,29 @@ def attempts(log: Path) -> int:
 # -- (4) resource requests, no cluster needed ---------------------------------------------------
 
 
+def test_a_mixed_manifest_asks_each_rows_own_resources(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CPU row first, then a LiveAvatar row: the second must not inherit the first's 0 GPUs.
+    from avatarcli import batch
+
+    asked: list[tuple[str, Any]] = []
+
+    def fake_generate(audio: Path, image: Path, resolved: Any, **kw: Any) -> None:
+        opts = kw["executor"].task_options()
+        asked.append((resolved.preset.engine, (opts["num_cpus"], opts["num_gpus"])))
+
+    monkeypatch.setattr(batch, "generate", fake_generate)
+    rows = [batch.Row(f"m.csv:{i}", tmp_path / "a.wav", tmp_path / "p.png",
+                      tmp_path / f"o{i}.mp4", preset=name, resolved=presets.resolve(name))
+            for i, name in enumerate(["cpu-preview", "liveavatar-80gb", "liveavatar-5x80gb"])]
+    executor = RayExecutor.for_preset(rows[0].resolved.preset)  # type: ignore[union-attr]
+    results = batch.run_batch(rows, executor=executor)
+    assert [r.status for r in results] == ["done"] * 3
+    assert asked == [("builtin", (1, 0)), ("liveavatar", (1, 1)), ("liveavatar", (1, 5))]
+    assert executor.task_options()["num_gpus"] == 0  # the views left the original alone
+    assert not ray.is_initialized()
+
+
 def test_for_preset_asks_for_the_gpus_a_launch_needs() -> None:
     one = RayExecutor.for_preset(presets.resolve("liveavatar-80gb"))
     five = RayExecutor.for_preset(presets.resolve("liveavatar-5x80gb").preset, "local")
