@@ -26,7 +26,7 @@ from avatarcli.job import JobDir, JobLock, file_digest, job_key, now
 from avatarcli.options import NON_RENDERING_KEYS, Preset
 from avatarcli.plan import Plan, make_plan
 from avatarcli.presets import ResolvedPreset, parse_size
-from avatarcli.runner import BatchResult, Executor, Hooks, Runner
+from avatarcli.runner import BatchResult, Executor, Hooks, Runner, batch_timeout_s
 from avatarcli.telemetry import Telemetry, aggregate
 from avatarcli.verify import is_whole
 
@@ -274,7 +274,8 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
     with events.progress(plan.frames, done_frames) as bar:
         hooks = _manifest_hooks(job, manifest, bar)
         runner = Runner(job.path, job.log, slots=slots, cooldown_s=preset.cooldown_s,
-                        oom_rungs=len(preset.oom_retry), hooks=hooks, executor=executor)
+                        oom_rungs=len(preset.oom_retry), hooks=hooks, executor=executor,
+                        timeout_s=lambda i: batch_timeout_s(preset, plan.batches[i].frames))
         try:
             runner.run(pending)
         finally:

@@ -143,3 +143,51 @@ def test_dry_run_prints_each_command(media: dict[str, Path], tmp_path: Path) -> 
     assert len(plan) == 2
     assert "standin_model.py --audio" in plan[1]["command"]
     assert "batch-0001.wav" in plan[1]["command"]
+
+
+def test_hung_model_is_stopped_retried_once_then_fails_resumably(media: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    import psutil
+
+    out = tmp_path / "t.mp4"
+    preset = preset_file(tmp_path, batch_timeout_s=2)
+    run = gen(media["speech6"], media["portrait"], out, preset, mode="hang")
+    assert run.returncode == 3, run.stderr
+    assert "batch 0 failed (timed out after 2 s (batch_timeout_s) and was stopped)" in run.stderr
+    assert not out.exists()
+    job = tmp_path / "t.mp4.parts"
+    log = (job / "logs" / "batch-0000.log").read_text()
+    assert log.count("standin: mode=hang") == 2  # the first launch and one retry
+    manifest = json.loads((job / "manifest.json").read_text())
+    assert [p["state"] for p in manifest["parts"]] == ["failed", "pending"]
+    assert manifest["parts"][0]["failure"] == "timeout"
+    # The hung model went with its batch process (the whole process group was killed).
+    alive = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and any(
+                    str(job) in a for a in p.info["cmdline"] or []):
+                alive.append(p.info["cmdline"])
+        except psutil.Error:
+            continue
+    assert alive == []
+    # Resumable: the same command renders the job once the model behaves.
+    again = gen(media["speech6"], media["portrait"], out, preset)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["batches_rendered"] == [0, 1]
+    assert len(read_stamps(out)) == 150
+
+
+def test_batch_timeout_defaults_follow_the_engine() -> None:
+    from avatarcli import presets
+    from avatarcli.runner import TIMEOUT_UNKNOWN_S, batch_timeout_s
+
+    builtin = presets.resolve("cpu-preview").preset
+    assert builtin.batch_timeout_s == 0  # derived unless a preset sets it
+    assert batch_timeout_s(builtin, 1200) == 300 + 2.0 * 1200
+    live = presets.resolve("liveavatar-80gb").preset
+    assert batch_timeout_s(live, 1200) == 1800 + 20.0 * 1200
+    command = presets.resolve("example-wav2lip").preset
+    assert batch_timeout_s(command, 1200) == TIMEOUT_UNKNOWN_S
+    assert batch_timeout_s(presets.resolve("cpu-preview", {"batch_timeout_s": 90}).preset,
+                           1200) == 90
