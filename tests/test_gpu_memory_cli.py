@@ -39,7 +39,10 @@ def test_plan_reproduces_the_5x24gb_field_case() -> None:
     assert "regather 25.6" in human.output and "does NOT fit" in human.output
 
 
-def test_plan_with_audio_shows_batches_and_time_from_history(media: dict[str, Path]) -> None:
+def test_plan_with_audio_and_no_gpu_shows_batches_but_no_history(
+        media: dict[str, Path]) -> None:
+    """History is keyed by GPU model: with only --gpu-mem there is none to look up (the time
+    from history is test_plan_uses_seen_figures_for_this_gpu_model)."""
     preset = presets.resolve("liveavatar-80gb").preset
     history.record(preset, {"fps": 2.5, "gpu_name": "NVIDIA H100 80GB HBM3",
                             "peak_gpu_mb": {"0": 70000.0}, "peak_rss_mb": 9000.0})

@@ -152,6 +152,9 @@ def test_gpus_defaults_to_the_preset() -> None:
 
 @pytest.mark.parametrize("case", memory.FIELD_CASES, ids=lambda c: c.name)
 def test_field_case_is_reproduced(case: memory.FieldCase) -> None:
+    # After-load and usable are calibrated on FIELD_CASES[0], so for that case they hold by
+    # construction; the re-gather (and so the total needed) is derived, the real check here.
+    # test_calibration_holds_against_first_principles checks the calibration independently.
     est = memory.estimate(case.preset(), gpus=case.gpus, gpu_mem_gb=case.gpu_mem_gb,
                           dit_sharding=case.dit_sharding)
     assert est.phase_gb("loaded") == pytest.approx(case.loaded_gb, abs=TOL)
