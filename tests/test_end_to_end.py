@@ -102,7 +102,7 @@ def test_output_is_a_normal_file_not_a_private_temp(media: dict[str, Path],
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
-def test_mouth_moves_with_the_sound_not_before_it(media: dict[str, Path],
+def test_mouth_and_muxed_sound_are_in_sync_with_the_recording(media: dict[str, Path],
                                                   tmp_path: Path) -> None:
     """With blinks and head motion off only the mouth moves: how far each frame is from the
     first (silent, closed) one must follow the recording's loudness at the same frame. The
@@ -123,16 +123,37 @@ def test_mouth_moves_with_the_sound_not_before_it(media: dict[str, Path],
     n = len(frames)
     assert n == 175
     motion = np.abs(frames - frames[0]).mean(axis=(1, 2))
-    samples = x.astype(float) / 32768
-    samples = np.concatenate([np.zeros(rate), samples])
-    loud = np.array([20 * np.log10(max(float(np.sqrt(np.mean(
+    samples = np.concatenate([np.zeros(rate), x.astype(float) / 32768])
+    loud = frame_loudness(samples, rate, n)
+
+    def z(v: np.ndarray) -> np.ndarray:
+        return (v - v.mean()) / v.std()
+
+    def best_lag(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
+        """The shift of `a` against `b` that matches best (a[k + lag] with b[k]), and how well."""
+        a, b = z(a), z(b)
+
+        def match(lag: int) -> float:
+            return float(np.mean(a[max(0, lag):n + min(0, lag)] * b[max(0, -lag):n - max(0, lag)]))
+
+        lag = max(range(-25, 26), key=match)
+        return lag, match(lag)
+
+    lag, how_well = best_lag(motion, loud)
+    assert lag in (0, 1), f"the mouth is {lag} frames off the sound"
+    assert how_well > 0.5  # and it does follow it
+    # The muxed sound itself sits where the recording has it: its loudness, frame by frame.
+    dec = ff.popen(["-v", "error", "-i", str(out), "-map", "0:a", "-ac", "1", "-ar", str(rate),
+                    "-f", "s16le", "-"], stdout=subprocess.PIPE)
+    assert dec.stdout is not None
+    muxed = np.frombuffer(dec.stdout.read(), "<i2").astype(float) / 32768
+    assert dec.wait() == 0
+    lag, how_well = best_lag(frame_loudness(muxed, rate, n), loud)
+    assert lag == 0 and how_well > 0.9, f"the output's sound is {lag} frames off the recording"
+
+
+def frame_loudness(samples: np.ndarray, rate: int, n: int) -> np.ndarray:
+    """dBFS of each of `n` frames' stretch of audio at 25 fps, floored at -60."""
+    return np.array([20 * np.log10(max(float(np.sqrt(np.mean(
         samples[round(k * rate / 25):round((k + 1) * rate / 25)] ** 2))), 1e-3))
         for k in range(n)])
-    a, b = (motion - motion.mean()) / motion.std(), (loud - loud.mean()) / loud.std()
-
-    def match(lag: int) -> float:  # motion of frame k + lag against loudness of frame k
-        return float(np.mean(a[max(0, lag):n + min(0, lag)] * b[max(0, -lag):n - max(0, lag)]))
-
-    best = max(range(-25, 26), key=match)
-    assert best in (0, 1), f"the mouth is {best} frames off the sound"
-    assert match(best) > 0.5  # and it does follow it
