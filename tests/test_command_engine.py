@@ -87,7 +87,10 @@ def test_stamps_show_each_frame_came_from_its_own_batch_frame_and_sound(
             # or two short of the audio: the model's own rounding, the normalise pads it).
             padded = b["frame_end"] - k <= 2 and s.index == stamps[k - 1].index
             assert abs(s.index - j * 30 / 25) <= 1 or padded, f"frame {k}: model frame {s.index}"
-            own = frame_loudness(samples[round(b["start_s"] * rate):], rate, 30, s.index)
+            # The batch's audio starts at its first frame's time, frame_start / 25 (not the
+            # plan's own start_s, which a bug in the plan would shift along with the slice).
+            start = b["frame_start"] / 25
+            own = frame_loudness(samples[round(start * rate):], rate, 30, s.index)
             errors.append(abs(s.loudness - own))
     # Loudness in thirds of a dB; the model heard a 16 kHz copy, so allow 1 dB of resampling.
     # Measured: median 0, 95th percentile 2; the slice 0.04 s late: median 5, 95th 86.
