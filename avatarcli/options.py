@@ -133,6 +133,10 @@ class Preset:
     clips_per_batch: int = knob(25, bounds=(1, 10000), help="clips per batch process")
     # Pause between batches, e.g. to let a GPU cool or free memory.
     cooldown_s: float = knob(0.0, bounds=(0.0, 3600.0), help="seconds between batches")
+    # Seconds one batch process may run before its process group is killed and the batch is
+    # retried once (then the job fails, exit 3, resumable). 0: derived from the engine's
+    # expected time per frame (runner.batch_timeout_s), so a hung model never blocks a cron job.
+    batch_timeout_s: float = knob(0.0, bounds=(0.0, 7 * 86400.0), help="per-batch time limit")
     # Seed for everything random in the engine.
     seed: int = knob(420, bounds=(0, 2**31 - 1), help="random seed")
     # Lighter settings to retry a batch with after a CUDA out-of-memory failure, one rung at
@@ -156,7 +160,7 @@ SECTIONS: dict[str, type] = {
 }
 
 # Keys whose change does not change a single rendered pixel: a job survives them.
-NON_RENDERING_KEYS = frozenset({"description", "cooldown_s", "worker"})
+NON_RENDERING_KEYS = frozenset({"description", "cooldown_s", "batch_timeout_s", "worker"})
 # Keys a retry rung may change: per-launch settings, never the plan or the output's identity.
 RUNG_FORBIDDEN_KEYS = frozenset({"engine", "fps", "seed", "clips_per_batch", "oom_retry",
                                  "description", "cooldown_s"})

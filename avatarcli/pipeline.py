@@ -27,7 +27,7 @@ from avatarcli.options import NON_RENDERING_KEYS, Preset
 from avatarcli.plan import Plan, make_plan
 from avatarcli.presets import ResolvedPreset, parse_size
 from avatarcli.resident import ResidentPool
-from avatarcli.runner import BatchResult, Executor, Hooks, Resident, Runner
+from avatarcli.runner import BatchResult, Executor, Hooks, Resident, Runner, batch_timeout_s
 from avatarcli.telemetry import Telemetry, aggregate
 from avatarcli.verify import is_whole
 
@@ -389,7 +389,8 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
             resident = Resident(pool, keys, preset.worker)
         runner = Runner(job.path, job.log, slots=slots, cooldown_s=preset.cooldown_s,
                         oom_rungs=len(preset.oom_retry), hooks=hooks, executor=executor,
-                        resident=resident)
+                        resident=resident,
+                        timeout_s=lambda i: batch_timeout_s(preset, plan.batches[i].frames))
         try:
             runner.run(pending)
         finally:

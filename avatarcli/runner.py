@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from avatarcli.errors import EngineError, EnvironmentProblem, OutOfMemoryError
-from avatarcli.options import WorkerOptions
+from avatarcli.options import Preset, WorkerOptions
 from avatarcli.resident import ResidentHandle, ResidentPool
 from avatarcli.telemetry import Sampler
 
@@ -33,6 +33,29 @@ log = logging.getLogger(__name__)
 EXIT_OOM = 4  # what avatarcli.worker exits with on out-of-memory
 EXIT_ENVIRONMENT = EnvironmentProblem.exit_code  # ... on a problem of the machine (disk full)
 LOG_TAIL_LINES = 12
+
+# The default per-batch time limit (preset key batch_timeout_s = 0): a start-up allowance plus
+# a per-frame figure far above what the engine needs (about 40x the built-in engine on 2 CPU
+# cores, 50x LiveAvatar's 2.5 frames/s on one H100), so only a hung batch ever reaches it.
+# A command template's model is unknown: a fixed bound.
+TIMEOUT_START_S = {"builtin": 300.0, "liveavatar": 1800.0}
+TIMEOUT_PER_FRAME_S = {"builtin": 2.0, "liveavatar": 20.0}
+TIMEOUT_UNKNOWN_S = 6 * 3600.0
+TIMEOUT_RETRIES = 1  # a batch that timed out is launched once more before the job fails
+
+
+def batch_timeout_s(preset: Preset, frames: int) -> float:
+    """Seconds a batch of `frames` frames may run: the preset's batch_timeout_s, else derived
+    from the engine's expected time per frame, else TIMEOUT_UNKNOWN_S."""
+    if preset.batch_timeout_s > 0:
+        return preset.batch_timeout_s
+    if preset.engine in TIMEOUT_PER_FRAME_S:
+        return TIMEOUT_START_S[preset.engine] + TIMEOUT_PER_FRAME_S[preset.engine] * frames
+    return TIMEOUT_UNKNOWN_S
+
+
+class BatchTimeout(EngineError):
+    """A batch ran past its time limit and was stopped."""
 
 
 @dataclass(frozen=True)
@@ -207,8 +230,10 @@ class Runner:
     def __init__(self, job_dir: Path, log_path: Callable[[int], Path], *,
                  slots: Sequence[dict[str, str]], cooldown_s: float = 0.0,
                  oom_rungs: int = 0, hooks: Hooks | None = None,
-                 executor: Executor | None = None, resident: Resident | None = None) -> None:
+                 executor: Executor | None = None, resident: Resident | None = None,
+                 timeout_s: Callable[[int], float] | None = None) -> None:
         assert slots, "at least one slot"
+        self.timeout_s = timeout_s  # index -> seconds a batch may run (None: no limit)
         self.job_dir = job_dir
         self.executor: Executor = executor or LocalExecutor()
         self.oom_rungs = oom_rungs
@@ -267,8 +292,9 @@ class Runner:
         if self._cancel.is_set():
             return
         slot = free.get()
+        rung = timeouts = 0
         try:
-            for rung in range(self.oom_rungs + 1):
+            while True:
                 self._wait_cooldown()
                 if self._cancel.is_set():
                     return
@@ -278,8 +304,14 @@ class Runner:
                 except OutOfMemoryError:
                     if rung == self.oom_rungs:
                         raise
+                    rung += 1
                     log.warning("batch %d ran out of memory; retrying it with rung %d of the "
-                                "preset's oom_retry ladder", index, rung + 1)
+                                "preset's oom_retry ladder", index, rung)
+                except BatchTimeout:
+                    timeouts += 1
+                    if timeouts > TIMEOUT_RETRIES:
+                        raise
+                    log.warning("batch %d timed out and was stopped; retrying it once", index)
         finally:
             free.put(slot)
 
@@ -310,10 +342,24 @@ class Runner:
             self._procs[index] = handle
         with self.hooks.lock:
             self.hooks.started(index, handle.pid or 0)
+        limit = self.timeout_s(index) if self.timeout_s else None
+        expired = threading.Event()
+
+        def expire() -> None:  # stop the batch's whole process group; the pump then ends
+            expired.set()
+            handle.stop()
+
+        timer = threading.Timer(limit, expire) if limit else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
         try:
             self._pump(index, handle)
             rc = handle.wait()
         finally:
+            if timer is not None:
+                timer.cancel()
+                timer.join()  # a stop() it began has finished before ours
             handle.stop()
             with self._procs_lock:
                 self._procs.pop(index, None)
@@ -326,7 +372,7 @@ class Runner:
             return
         if self._cancel.is_set():
             return  # stopped on purpose; the caller reports why
-        if self.resident is not None and rc < 0 and not retried:
+        if self.resident is not None and rc < 0 and not retried and not expired.is_set():
             # The resident worker was killed (not a model error): this batch alone goes to a
             # fresh worker, once.
             log.warning("batch %d: its resident worker was killed by signal %d; rendering "
@@ -335,6 +381,9 @@ class Runner:
             return
         kind = "oom" if rc == EXIT_OOM else "environment" if rc == EXIT_ENVIRONMENT else "crash"
         reason = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
+        if expired.is_set():
+            kind, reason = "timeout", (f"timed out after {limit:g} s (batch_timeout_s) and was "
+                                       f"stopped")
         if kind == "oom":
             reason = (f"out of memory at rung {rung} of {self.oom_rungs}" if self.oom_rungs
                       else "out of memory")
@@ -353,7 +402,7 @@ class Runner:
             raise EnvironmentProblem(f"batch {index}: {said}" if said else
                                      f"batch {index} stopped by a problem of this machine; "
                                      f"its log: {log_path}")
-        raise (OutOfMemoryError if kind == "oom" else EngineError)(message)
+        raise {"oom": OutOfMemoryError, "timeout": BatchTimeout}.get(kind, EngineError)(message)
 
     def _pump(self, index: int, handle: BatchHandle) -> None:
         """Read `progress N` lines from the batch process and report the deltas."""

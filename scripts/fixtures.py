@@ -802,3 +802,28 @@ def video_frames_md5(path: Path) -> str:
     if proc.wait() != 0:
         raise RuntimeError(f"{path}: ffmpeg could not decode it")
     return h.hexdigest()
+
+
+def video_frame_md5s(path: Path) -> list[str]:
+    """MD5 of each decoded frame, in order: which frames differ, not only whether any do."""
+    import hashlib
+    import subprocess
+
+    info = _ffmpeg().popen(["-v", "error", "-i", str(path), "-map", "0:v", "-f", "rawvideo",
+                            "-pix_fmt", "gray", "-frames:v", "1", "-"], stdout=subprocess.PIPE)
+    assert info.stdout is not None
+    first = info.stdout.read()
+    info.wait()
+    if not first:
+        raise RuntimeError(f"{path}: ffmpeg could not decode it")
+    # One frame's size in yuv420p bytes: the luma plane plus two quarter-size chroma planes.
+    size = len(first) * 3 // 2
+    proc = _ffmpeg().popen(["-v", "error", "-i", str(path), "-map", "0:v", "-f", "rawvideo",
+                            "-pix_fmt", "yuv420p", "-"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    out = []
+    while block := proc.stdout.read(size):
+        out.append(hashlib.md5(block).hexdigest())
+    if proc.wait() != 0:
+        raise RuntimeError(f"{path}: ffmpeg could not decode it")
+    return out

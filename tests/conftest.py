@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,32 @@ def isolated_presets(tmp_path_factory: pytest.TempPathFactory,
     monkeypatch.setenv("AVATARCLI_PRESETS_DIR", str(tmp_path_factory.mktemp("no-user-presets")))
     monkeypatch.setenv("AVATARCLI_STATE_DIR", str(tmp_path_factory.mktemp("state")))
     yield
+
+
+# Built-in engine settings whose output can be compared frame by frame: lossless x264 (crf 0)
+# decodes to the same pixels however the frames were split into parts and encoded.
+LOSSLESS = ("--set", "size=256*256", "--set", "builtin.crf=0")
+
+
+@pytest.fixture(scope="session")
+def reference_md5s(media: dict[str, Path],
+                   tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[str]]:
+    """Per-frame MD5s of a single-batch, uninterrupted built-in render of media[key] with the
+    portrait (LOSSLESS settings): what every split, resumed or parallel render must equal."""
+    cache: dict[str, list[str]] = {}
+
+    def get(key: str) -> list[str]:
+        if key not in cache:
+            out = tmp_path_factory.mktemp("reference") / f"{key}.mp4"
+            run = subprocess.run(
+                [sys.executable, "-m", "avatarcli", "gen", str(media[key]),
+                 str(media["portrait"]), "-o", str(out), *LOSSLESS,
+                 "--set", "clips_per_batch=10000", "--json"],
+                capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+            assert run.returncode == 0, run.stderr
+            assert json.loads(run.stdout)["batches"] == 1
+            cache[key] = fixtures.video_frame_md5s(out)
+            assert len(set(cache[key])) > len(cache[key]) // 2  # frames differ: order shows
+        return cache[key]
+
+    return get

@@ -1,22 +1,119 @@
 """A stand-in talking-head model for `engine: command` tests.
 
-    python standin_model.py --audio A.wav --image I.png (--out O.mp4 | --result_dir D) [--fps N]
+    python standin_model.py --audio A.wav --image I.png (--out O.mp4 | --result_dir D)
+                            [--fps N] [--batch B]
 
 Writes a video as long as the audio at --fps (a model with its own frame rate), from the
-image with a moving bar, using the same bundled ffmpeg. STANDIN_MODE picks a failure:
-success (default), crash, oom, nofile, short.
+image, using the same bundled ffmpeg. Every frame is stamped with what produced it: its own
+frame index, the batch (--batch) and the loudness of the audio slice under it (see `stamp` and
+`read_stamps`), so tests can check order, lag and re-timing from the finished video.
+
+STANDIN_MODE picks a behaviour: success (default), crash, oom, nofile, short, or hang: print
+the start line, then wait until the file named by STANDIN_RELEASE exists (forever without it)
+and render as usual.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
+import time
 import wave
 from pathlib import Path
+from typing import NamedTuple
 
 import imageio_ffmpeg
+import numpy as np
+
+# The stamp: a grid of black/white cells over the top half of the frame, COLS x ROWS cells of
+# (width/COLS) x (height/2/ROWS) pixels: big enough to survive scaling and two lossy encodes.
+COLS, ROWS = 8, 4
+FIELDS = (("index", 10), ("batch", 6), ("loudness", 8), ("check", 8))  # bits, in cell order
+LOUDNESS_FLOOR_DB = -80.0
+LOUDNESS_STEPS_PER_DB = 3  # stamp = round((dB - floor) * 3): a third of a dB
+
+
+class Stamp(NamedTuple):
+    index: int  # the model's own frame number within its batch (at its own fps)
+    batch: int
+    loudness: int  # quantised dBFS of the audio the frame was generated from
+    check: int  # (index + batch + loudness) % 256: a misread cell shows up
+
+
+def loudness_code(samples: np.ndarray) -> int:
+    """The stamp value of int16 samples: RMS in dBFS, floored at -80, in thirds of a dB."""
+    x = samples.astype(np.float64) / 32768.0
+    rms = math.sqrt(float(np.mean(x * x))) if x.size else 0.0
+    db = 20 * math.log10(max(rms, 10 ** (LOUDNESS_FLOOR_DB / 20)))
+    return int(np.clip(round((db - LOUDNESS_FLOOR_DB) * LOUDNESS_STEPS_PER_DB), 0, 255))
+
+
+def frame_loudness(samples: np.ndarray, rate: int, fps: float, n: int) -> int:
+    """loudness_code of frame n's own stretch of audio: [n/fps, (n+1)/fps)."""
+    return loudness_code(samples[round(n * rate / fps):round((n + 1) * rate / fps)])
+
+
+def _bits(stamp: Stamp) -> list[int]:
+    out = []
+    for (_, width), value in zip(FIELDS, stamp, strict=True):
+        out += [(value >> b) & 1 for b in range(width)]
+    return out
+
+
+def stamp(frame: np.ndarray, value: Stamp) -> None:
+    """Draw `value` into the top half of an RGB frame (H, W, 3), in place."""
+    h, w = frame.shape[:2]
+    for i, bit in enumerate(_bits(value)):
+        r, c = divmod(i, COLS)
+        y0, y1 = r * h // (2 * ROWS), (r + 1) * h // (2 * ROWS)
+        x0, x1 = c * w // COLS, (c + 1) * w // COLS
+        frame[y0:y1, x0:x1] = 255 if bit else 0
+
+
+def read_stamp(gray: np.ndarray) -> Stamp:
+    """The stamp of a decoded frame (H, W luma); raises ValueError when it does not check."""
+    h, w = gray.shape
+    bits = []
+    for i in range(COLS * ROWS):
+        r, c = divmod(i, COLS)
+        y0, y1 = r * h // (2 * ROWS), (r + 1) * h // (2 * ROWS)
+        x0, x1 = c * w // COLS, (c + 1) * w // COLS
+        cy, cx = (y1 - y0) // 4, (x1 - x0) // 4  # the middle half of the cell
+        bits.append(int(gray[y0 + cy:y1 - cy, x0 + cx:x1 - cx].mean() > 128))
+    values, pos = [], 0
+    for _, width in FIELDS:
+        values.append(sum(bit << b for b, bit in enumerate(bits[pos:pos + width])))
+        pos += width
+    found = Stamp(*values)
+    if (found.index + found.batch + found.loudness) % 256 != found.check:
+        raise ValueError(f"unreadable stamp {found}")
+    return found
+
+
+def read_stamps(video: Path) -> list[Stamp]:
+    """The stamp of every frame of a video, decoded with the bundled ffmpeg."""
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-i", str(video)],
+                           capture_output=True, text=True)
+    import re
+
+    m = re.search(r"Video: .*?, (\d{2,5})x(\d{2,5})", probe.stderr)
+    assert m, probe.stderr
+    w, h = int(m.group(1)), int(m.group(2))
+    raw = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i",
+                          str(video), "-map", "0:v", "-f", "rawvideo", "-pix_fmt", "gray", "-"],
+                         capture_output=True, check=True).stdout
+    frames = np.frombuffer(raw, np.uint8).reshape(-1, h, w)
+    return [read_stamp(f) for f in frames]
+
+
+def read_wav_mono(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path)) as w:
+        assert w.getsampwidth() == 2, "16-bit PCM only"
+        data = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+        return data.reshape(-1, w.getnchannels()).mean(axis=1).astype(np.int16), w.getframerate()
 
 
 def main() -> int:
@@ -26,6 +123,7 @@ def main() -> int:
     ap.add_argument("--out")
     ap.add_argument("--result_dir")
     ap.add_argument("--fps", type=float, default=25.0)
+    ap.add_argument("--batch", type=int, default=0)
     args = ap.parse_args()
     mode = os.environ.get("STANDIN_MODE", "success")
     print(f"standin: mode={mode} argv={sys.argv[1:]}", flush=True)
@@ -35,8 +133,12 @@ def main() -> int:
         print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
               file=sys.stderr)
         return 1
-    with wave.open(args.audio) as w:
-        seconds = w.getnframes() / w.getframerate()
+    if mode == "hang":
+        release = os.environ.get("STANDIN_RELEASE")
+        while not (release and Path(release).exists()):
+            time.sleep(0.1)
+    samples, rate = read_wav_mono(Path(args.audio))
+    seconds = samples.size / rate
     if mode == "short":
         seconds /= 2
     out = Path(args.out) if args.out else Path(args.result_dir) / "2026_01_01_00.00.00.mp4"
@@ -44,14 +146,29 @@ def main() -> int:
         print(f"saved {out}")  # like models that only log their save errors
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([
+    from PIL import Image
+
+    image = Image.open(args.image).convert("RGB")
+    width = 320
+    height = round(image.height * width / image.width / 2) * 2
+    base = np.asarray(image.resize((width, height)))
+    frames = round(seconds * args.fps)
+    ffmpeg = subprocess.Popen([
         imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y",
-        "-loop", "1", "-framerate", str(args.fps), "-i", args.image, "-i", args.audio,
-        "-vf", "scale=320:-2,drawbox=x=0:y=10:w=20:h=20:color=red:t=fill:enable='lt(mod(n,10),5)'",
-        "-t", f"{seconds:.3f}", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(args.fps),
+        "-i", "-", "-i", args.audio, "-map", "0:v", "-map", "1:a",
+        "-c:v", "libx264", "-preset", "ultrafast", "-crf", "12", "-pix_fmt", "yuv420p",
         "-c:a", "aac", "-shortest", str(out),
-    ], check=True)
-    return 0
+    ], stdin=subprocess.PIPE)
+    assert ffmpeg.stdin is not None
+    for n in range(frames):
+        frame = base.copy()
+        loud = frame_loudness(samples, rate, args.fps, n)
+        index, batch = n % 1024, args.batch % 64
+        stamp(frame, Stamp(index, batch, loud, (index + batch + loud) % 256))
+        ffmpeg.stdin.write(frame.tobytes())
+    ffmpeg.stdin.close()
+    return ffmpeg.wait()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,10 @@ def test_plan_reproduces_the_5x24gb_field_case() -> None:
     assert "regather 25.6" in human.output and "does NOT fit" in human.output
 
 
-def test_plan_with_audio_shows_batches_and_time_from_history(media: dict[str, Path]) -> None:
+def test_plan_with_audio_and_no_gpu_shows_batches_but_no_history(
+        media: dict[str, Path]) -> None:
+    """History is keyed by GPU model: with only --gpu-mem there is none to look up (the time
+    from history is test_plan_uses_seen_figures_for_this_gpu_model)."""
     preset = presets.resolve("liveavatar-80gb").preset
     history.record(preset, {"fps": 2.5, "gpu_name": "NVIDIA H100 80GB HBM3",
                             "peak_gpu_mb": {"0": 70000.0}, "peak_rss_mb": 9000.0})
@@ -76,6 +79,10 @@ def test_plan_needs_a_card_size_without_gpus(monkeypatch: pytest.MonkeyPatch) ->
     (1, 80, (9, 0), "liveavatar-80gb"),
     (5, 80, (9, 0), "liveavatar-5x80gb"),
     (1, 24, (8, 6), "cpu-preview"),
+    # 48 GB: fp8 (the only preset that fits one such card) needs compute capability 8.9+, so an
+    # RTX A6000 (8.6, 47.99 GiB) gets the CPU engine and an L40S (8.9, 44.99 GiB) the fp8 preset.
+    (1, 47.99, (8, 6), "cpu-preview"),
+    (1, 44.99, (8, 9), "liveavatar-48gb-fp8"),
 ])
 def test_auto_preset_picks_what_fits(media: dict[str, Path], tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch, n: int, gb: float,
@@ -86,6 +93,8 @@ def test_auto_preset_picks_what_fits(media: dict[str, Path], tmp_path: Path,
                                  "--json"])
     assert f"preset auto: {expected} (" in result.output
     assert json.loads(result.stdout)["preset"] == expected
+    if gb == 47.99:  # says why the card's memory was not enough
+        assert "fp8 needs compute capability 8.9+" in result.output
 
 
 def test_doctor_without_gpu(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ No GPU is needed: NVML is replaced by a fake `pynvml` module and nvidia-smi by s
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import os
 import subprocess
 import sys
@@ -194,21 +195,40 @@ def test_torch_rows_map_back_through_cuda_visible_devices() -> None:
 
 def test_torch_probe_runs_in_a_child(monkeypatch: pytest.MonkeyPatch,
                                                            no_gpu_sources: None) -> None:
-    """The torch path really runs (in a child process, so CUDA never starts in this one)."""
+    """The torch path really runs (in a child process, so CUDA never starts in this one), and
+    what that child reports is what facts() returns."""
     pytest.importorskip("torch")
     monkeypatch.setattr(gpus, "_gpu_driver_present", lambda: True)
+    children: list[subprocess.CompletedProcess[str]] = []
+    real_run = subprocess.run
+
+    def spy(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        proc = real_run(cmd, **kw)
+        if cmd[:2] == [sys.executable, "-c"] and "torch_rows()" in cmd[2]:
+            children.append(proc)
+        return proc
+
+    monkeypatch.setattr(gpus.subprocess, "run", spy)
     got = gpus.facts()
     assert "torch" not in sys.modules or not sys.modules["torch"].cuda.is_initialized()
+    assert len(children) == 1 and children[0].returncode == 0, children
+    rows = json.loads(children[0].stdout.strip().splitlines()[-1])
+    assert isinstance(rows, list)
+    assert got == gpus.facts_from_torch_rows(rows, os.environ.get("CUDA_VISIBLE_DEVICES"))
     build = gpus.torch_build()
-    if build is not None and build.kind == "CPU build":
-        assert got == []
-    assert all(g.source == "torch" and g.total_gb for g in got)
+    assert build is not None
+    if build.kind == "CPU build":  # this machine: the child ran torch and saw no device
+        assert rows == [] and got == []
+    else:  # a CUDA build: every device the child saw became a fact with its memory
+        assert len(got) == len(rows) and all(g.source == "torch" and g.total_gb for g in got)
 
 
 def test_torch_build() -> None:
+    torch = pytest.importorskip("torch")  # the dev extra installs it
     build = gpus.torch_build()
-    if build is not None:
-        assert build.version and build.kind.endswith("build")
+    assert build is not None and build.version == torch.__version__
+    assert build.cuda == torch.version.cuda and build.kind.endswith("build")
+    assert (build.kind == "CPU build") == (torch.version.cuda is None and torch.version.hip is None)
 
 
 def test_torch_build_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
