@@ -128,7 +128,7 @@ def _lip_cues(level: np.ndarray, voiced: np.ndarray, spread_db: np.ndarray,
     shape: 0); lightly smoothed, like the level.
     """
     trust = np.clip((voiced - 0.3) / 0.4, 0.0, 1.0) * np.clip(level / 0.3, 0.0, 1.0)
-    spread = np.clip((spread_db + 9.0) / 4.0, 0.0, 1.0)
+    spread = np.clip((spread_db + 10.0) / 4.0, 0.0, 1.0)
     rounded = np.clip((-spread_db - 9.0) / 3.0, 0.0, 1.0) * np.clip((-round_db - 3.0) / 3.0,
                                                                     0.0, 1.0)
     closure = np.clip((-spread_db - 20.0) / 4.0, 0.0, 1.0) * np.clip((-nasal_db - 10.0) / 4.0,
