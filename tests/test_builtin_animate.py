@@ -319,3 +319,21 @@ def test_mouth_openness_mapping() -> None:
     assert np.array_equal(
         np.concatenate([mouth_openness(feats[:17], 1.0), mouth_openness(feats[17:], 1.0)]), full
     )
+
+
+def test_grey_portrait_gets_a_grey_mouth(portrait: np.ndarray, layout: FaceLayout) -> None:
+    # A red interior in a black-and-white photo reads as paint: the palette follows the face.
+    grey = cv2.cvtColor(cv2.cvtColor(portrait, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    frame = Animator(grey, layout, seed=1, fps=FPS, options=STILL).render(
+        np.arange(1), np.array([1.0])
+    )[0].astype(int)
+    changed = np.abs(frame - grey).max(axis=-1) > 30
+    assert changed.sum() > 300  # the mouth did open
+    spread = frame.max(axis=-1) - frame.min(axis=-1)
+    assert spread[changed].max() <= 3
+    # ...while the colour photo keeps a reddish interior.
+    color = Animator(portrait, layout, seed=1, fps=FPS, options=STILL).render(
+        np.arange(1), np.array([1.0])
+    )[0].astype(int)
+    inside = np.abs(color - portrait).max(axis=-1) > 30
+    assert (color[..., 0] - color[..., 2])[inside].mean() > 8

@@ -336,6 +336,7 @@ class Animator:
         self._cols_f = np.arange(self._width, dtype=np.float64)
         # Soft edge of the painted interior, in pixels (the photo's own edges are soft).
         self._feather = max(1.2, 0.012 * fh)
+        self._palette = self._mouth_palette()
         self._paint_teeth = self.options.teeth and self._teeth_depth == 0.0
         # Output region the mouth can affect, with room for the head motion.
         margin = 0.05 * max(fw, fh) + 2.0
@@ -357,6 +358,25 @@ class Animator:
             gx, gy = np.meshgrid(xs, ys)
             m = self._mask(gx, gy)
             self._mouth_mask = None if m.min() >= 1.0 else m.astype(F32)
+
+    def _mouth_palette(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Cavity, inner lip, tongue and teeth colours, as colourful as the face is.
+
+        A black-and-white photo gets grey ones (a red mouth in a grey face reads as paint).
+        """
+        x, y, w, h = self.layout.face
+        a, b = _span(x + 0.2 * w, x + 0.8 * w, self._width)
+        c, d = _span(y + 0.2 * h, y + 0.8 * h, self._height)
+        px = self.portrait[c:d, a:b].reshape(-1, 3).astype(F32)
+        chroma = float(np.median(px.max(axis=1) - px.min(axis=1))) if px.size else 0.0
+        sat = min(max(chroma / 30.0, 0.0), 1.0)
+        weights = np.array([0.299, 0.587, 0.114])
+
+        def tone(rgb: np.ndarray) -> np.ndarray:
+            grey = float(rgb @ weights)
+            return grey + sat * (rgb - grey)
+
+        return tone(_CAVITY), tone(_INNER_LIP), tone(_TONGUE), tone(_TEETH)
 
     def _find_teeth(self) -> float:
         """How far below the lip line the portrait shows upper teeth (a smile), in px; 0: none.
@@ -856,19 +876,20 @@ class Animator:
         lit *= 0.85
         # The upper teeth (or lip) shade the top of the opening.
         lit *= _smoothstep(depth * 4.0)
-        color = np.multiply.outer(lit, _INNER_LIP - _CAVITY)
-        color += _CAVITY
+        cavity, inner_lip, tongue_rgb, teeth_rgb = self._palette
+        color = np.multiply.outer(lit, inner_lip - cavity)
+        color += cavity
         # Tongue low in the middle, lower teeth just above the lower lip: only in a wide
         # opening, and only a hint.
         wide = np.clip((gap - 6.0) * (1.0 / 14.0), 0.0, 1.0)
         tongue = _smoothstep((depth - 0.55) * (1.0 / 0.3))
         tongue *= np.maximum(1.0 - hx * hx * 1.6, 0.0)
         tongue *= wide * 0.55
-        color += tongue[..., None] * (_TONGUE - color)
+        color += tongue[..., None] * (tongue_rgb - color)
         lower = _smoothstep((depth - 0.7) * 8.0) * (1.0 - _smoothstep((depth - 0.86) * 12.0))
         lower *= np.maximum(1.0 - (hx * (1.0 / 0.6)) ** 2, 0.0)
         lower *= wide * 0.35
-        color += lower[..., None] * (0.8 * _TEETH - color)
+        color += lower[..., None] * (0.8 * teeth_rgb - color)
         if self._paint_teeth:
             self._paint_teeth_band(color, s, dx, lift, gap)
         region = frame[y0 + r0 : y0 + r1, x0 + c0 : x0 + c1]
@@ -898,7 +919,7 @@ class Animator:
         teeth = 1.0 - _smoothstep((inside - 0.6) * 2.5)
         teeth *= _smoothstep(inside * 4.0)
         teeth *= 0.9 * _smoothstep((gap - 3.0) * 0.125) * np.sqrt(shape)
-        shade = np.multiply.outer(0.6 + 0.4 * shape, _TEETH) - color
+        shade = np.multiply.outer(0.6 + 0.4 * shape, self._palette[3]) - color
         shade *= teeth[..., None]
         color += shade
 
