@@ -157,23 +157,3 @@ def test_analysis_is_the_same_in_chunks_or_whole(tmp_path: Path) -> None:
     assert feats[:, 2].min() >= -1.0 and feats[:, 2].max() <= 1.0
     assert (feats[:, 2] < -0.3).any() and (feats[:, 2] > 0.3).any()
     assert feats[:, 3].min() >= 0.0 and feats[:, 3].max() <= 1.0
-
-
-def test_i420_frames_match_rgb_and_split(portrait: np.ndarray, layout: FaceLayout) -> None:
-    # The engine pipes render_i420(): it must be exactly cv2's conversion of render(),
-    # the same in one batch or split, including frames where nothing moves.
-    n = 60
-    rng = np.random.default_rng(8)
-    idx = np.arange(n, dtype=np.int64) + 200
-    openness = np.clip(rng.random(n) * 1.4 - 0.4, 0.0, 1.0)
-    spread = np.clip(rng.normal(0.0, 0.8, n), -1.0, 1.0)
-    rgb = Animator(portrait, layout, seed=3, fps=FPS).render(idx, openness, spread)
-    want = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2YUV_I420) for f in rgb])
-    anim = Animator(portrait, layout, seed=3, fps=FPS)
-    pieces = [anim.render_i420(idx[s : s + 7], openness[s : s + 7], spread[s : s + 7])
-              for s in range(0, n, 7)]
-    assert np.array_equal(np.concatenate(pieces), want)
-    still = Animator(portrait, layout, seed=3, fps=FPS, options=STILL)
-    closed = still.render_i420(np.arange(3), np.zeros(3))
-    still_planes = cv2.cvtColor(portrait, cv2.COLOR_RGB2YUV_I420)
-    assert np.array_equal(closed, np.broadcast_to(still_planes, closed.shape))

@@ -160,13 +160,8 @@ def _unit(seed: int, *keys: int) -> float:
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
-    # minimum/maximum rather than np.clip: the same values, a fraction of the call overhead
-    # on the small arrays of one frame.
-    x = np.minimum(np.maximum(x, 0.0), 1.0)
-    y = 3.0 - 2.0 * x
-    y *= x
-    y *= x
-    return y
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
 
 
 def _smooth1(x: float) -> float:
@@ -221,7 +216,6 @@ class Animator:
         self.fps = float(fps)
         self.options = options
         self._height, self._width = img.shape[:2]
-        self._yuv_portrait: np.ndarray | None = None  # made by the first render_i420()
 
         fx, fy, fw, fh = layout.face
         self._fw, self._fh = max(fw, 4.0), max(fh, 4.0)
@@ -597,59 +591,6 @@ class Animator:
         """The row the mouth opens at: the lip line, or below the upper teeth of a smile."""
         return self._mouth_c[1]
 
-    def render_i420(
-        self,
-        frame_indices: np.ndarray,
-        openness: np.ndarray,
-        spread: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """The same frames as render(), as I420 planes (B, H*3/2, W) uint8, the layout
-        cv2.COLOR_RGB2YUV_I420 makes (and the encoder reads), byte for byte.
-
-        Only the region that can move is converted per frame; the rest is the portrait's
-        own conversion, made once. For even-sized frames only.
-        """
-        if self._height % 2 or self._width % 2:
-            raise ValueError(f"I420 needs an even frame size, got {self._width}x{self._height}")
-        idx = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
-        amount = np.asarray(openness, dtype=np.float64).reshape(-1)
-        shape = np.zeros_like(amount) if spread is None else np.asarray(spread, np.float64)
-        shape = shape.reshape(-1)
-        if idx.shape != amount.shape or shape.shape != idx.shape:
-            raise ValueError(f"{idx.size} frame indices, {amount.size} openness values and "
-                             f"{shape.size} spread values")
-        h, w = self._height, self._width
-        if self._yuv_portrait is None:
-            self._yuv_portrait = cv2.cvtColor(self.portrait, cv2.COLOR_RGB2YUV_I420)
-            self._scratch = self.portrait.copy()
-        out = np.empty((idx.size, h * 3 // 2, w), dtype=np.uint8)
-        out[...] = self._yuv_portrait
-        if not self._has_roi:
-            return out
-        # The ROI, widened to even bounds so that its 2x2 chroma blocks are the frame's.
-        rx0, ry0, rx1, ry1 = self._roi
-        x0, y0 = rx0 - rx0 % 2, ry0 - ry0 % 2
-        x1, y1 = min(w, rx1 + rx1 % 2), min(h, ry1 + ry1 % 2)
-        rh, rw = y1 - y0, x1 - x0
-        part = np.empty((rh * 3 // 2, rw), np.uint8)
-        for k in range(idx.size):
-            frame = self._scratch
-            if not self._render_into(frame, int(idx[k]), float(amount[k]), float(shape[k]),
-                                     copy_all=False):
-                continue  # nothing moved: the portrait's planes as they are
-            cv2.cvtColor(np.ascontiguousarray(frame[y0:y1, x0:x1]), cv2.COLOR_RGB2YUV_I420,
-                         dst=part)
-            # Planes in order, each contiguous: Y (h, w), U and V (h/2, w/2) each.
-            flat, src = out[k].reshape(-1), part.reshape(-1)
-            out[k, y0:y1, x0:x1] = part[:rh]
-            n, m = h * w, rh * rw
-            for c in range(2):
-                dst = flat[n + c * n // 4 : n + (c + 1) * n // 4].reshape(h // 2, w // 2)
-                dst[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2] = src[
-                    m + c * m // 4 : m + (c + 1) * m // 4
-                ].reshape(rh // 2, rw // 2)
-        return out
-
     def mouth_width(self, openness: float, spread: float) -> float:
         """The opening's half-width in pixels for one frame's openness and spread."""
         return self._mhw * self._shape(openness, spread)[1]
@@ -665,27 +606,16 @@ class Animator:
         width = 1.0 + ease * (_SPREAD_WIDEN * wide - _ROUND_NARROW * rnd)
         return travel, width
 
-    def _render_into(
-        self, frame: np.ndarray, i: int, openness: float, spread: float, copy_all: bool = True
-    ) -> bool:
-        """Render frame i into `frame`; False when nothing moves (the frame is the portrait).
-
-        With copy_all=False, `frame` must already hold the portrait outside the ROI (only
-        the ROI is refreshed).
-        """
+    def _render_into(self, frame: np.ndarray, i: int, openness: float, spread: float) -> None:
         travel, width = self._shape(openness, spread)
         mouth = travel >= 0.02 and self._mouth_box is not None
         blink = self._blink(i)
         pose = self._pose(i)
         # The static parts (one straight copy beats many strided pieces); when nothing
         # moves, the frame is the portrait itself.
-        if copy_all:
-            frame[...] = self.portrait
-        else:
-            rx0, ry0, rx1, ry1 = self._roi
-            frame[ry0:ry1, rx0:rx1] = self.portrait[ry0:ry1, rx0:rx1]
+        frame[...] = self.portrait
         if not self._has_roi or (pose.still and not mouth and blink <= 0.0):
-            return False
+            return
         mouth_shift = self._shift_at(pose, *self._mouth_c)
         self._coarse_map(pose, travel if mouth else 0.0, mouth_shift, width)
         band = self._mouth_band(pose, travel, mouth_shift, width) if mouth else None
@@ -708,7 +638,6 @@ class Animator:
             self._paint_mouth(frame, *band, width)
         for lid in lids:
             self._paint_lashes(frame, *lid)
-        return True
 
     def _coarse_map(
         self, pose: _Pose, travel: float, shift: tuple[float, float], width: float

@@ -73,6 +73,10 @@ class BuiltinEngine(Engine):
                 end = min(start + CHUNK_FRAMES, batch.frame_end)
                 indices = np.arange(start, end, dtype=np.int64)
                 local = slice(start - batch.frame_start, end - batch.frame_start)
+                rgb = animator.render(indices, openness[local], spread[local])
                 # A fresh buffer per chunk: the writer owns it until ffmpeg has read it.
-                writer.write(animator.render_i420(indices, openness[local], spread[local]))
+                yuv = np.empty((len(rgb), inp.height * 3 // 2, inp.width), np.uint8)
+                for i, frame in enumerate(rgb):
+                    cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420, dst=yuv[i])
+                writer.write(yuv)
                 progress(end - batch.frame_start)
