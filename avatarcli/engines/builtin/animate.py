@@ -290,8 +290,12 @@ class Animator:
         self._mhw = max(mhw, 1.0)
         # A smile that shows its upper teeth opens below them: the teeth stay with the
         # skull and only the lower lip and jaw drop (no painted teeth, no upper-lip lift).
-        self._teeth_depth = self._find_teeth()
+        self._teeth_depth, teeth_hw = self._find_teeth()
         lip_y += self._teeth_depth
+        if self._teeth_depth > 0.0:
+            # Below a smile's teeth the opening is as wide as the teeth's lower edge, not
+            # the smile (whose corners sit higher up).
+            self._mhw = max(min(self._mhw, teeth_hw), 0.75 * self._mhw)
         self._up_share = 0.0 if self._teeth_depth > 0.0 else _UPPER_LIP_SHARE
         self._mouth_c = (mcx, lip_y)
         self._travel = _MOUTH_TRAVEL * fh
@@ -372,8 +376,9 @@ class Animator:
 
         return tone(_CAVITY), tone(_INNER_LIP), tone(_TONGUE), tone(_TEETH)
 
-    def _find_teeth(self) -> float:
-        """How far below the lip line the portrait shows upper teeth (a smile), in px; 0: none.
+    def _find_teeth(self) -> tuple[float, float]:
+        """How far below the lip line the portrait shows upper teeth (a smile), in px, and
+        the half-width of their lower edge; (0, 0): no teeth.
 
         Teeth are about as bright as the cheeks and no more saturated, unlike a lip: rows
         of the mouth's middle are scanned down from the lip line while they look like teeth.
@@ -402,7 +407,7 @@ class Animator:
         top = math.floor(lip_y)
         below = patch(mcx - 0.4 * mhw, mcx + 0.4 * mhw, top, top + _MAX_TEETH_SCAN * fh)
         if below is None or not found:
-            return 0.0
+            return 0.0, 0.0
         skin = np.median(np.concatenate(found), axis=0)
         rows = np.median(below, axis=1)  # (rows, 3) HSV
         teeth = (rows[:, 2] >= 0.85 * skin[2]) & (rows[:, 1] <= skin[1])
@@ -410,13 +415,30 @@ class Animator:
         near = min(teeth.size, max(4, round(0.03 * fh)))
         start = next((i for i in range(near) if teeth[i]), None)
         if start is None:
-            return 0.0
+            return 0.0, 0.0
         end = start
         while end < teeth.size and teeth[end]:
             end += 1
         if end - start < 2:
-            return 0.0
-        return float(top + end) - lip_y
+            return 0.0, 0.0
+        # The teeth's width a little above their lower edge: the run of teeth-like pixels
+        # through the mouth's centre.
+        y = top + end - 2
+        row = patch(mcx - 1.2 * mhw, mcx + 1.2 * mhw, y, y)
+        half_w = mhw
+        if row is not None:
+            px = row[0]
+            like = (px[:, 2] >= 0.85 * skin[2]) & (px[:, 1] <= skin[1])
+            x0 = _span(mcx - 1.2 * mhw, mcx, self._width)[0]
+            c = min(max(round(mcx) - x0, 0), like.size - 1)
+            lo, hi = c, c
+            while lo > 0 and like[lo - 1]:
+                lo -= 1
+            while hi < like.size - 1 and like[hi + 1]:
+                hi += 1
+            if like[c]:
+                half_w = 0.5 * (hi - lo + 1) + 0.1 * mhw  # the lip corner rounds past them
+        return float(top + end) - lip_y, half_w
 
     def _setup_eyes(self) -> None:
         self._eyes: list[tuple[_Eye, _Box, np.ndarray]] = []  # eye, its box, lash colour
