@@ -108,8 +108,14 @@ def render_with(engine: Engine, job: JobDir, task: PartTask) -> None:
     try:
         engine.render(task, progress)
         b = task.batch
+        # Packets, not pixels: every engine's part is encoded by our own ffmpeg/libx264
+        # (media.VideoWriter or media.normalise, which raise unless ffmpeg exits cleanly),
+        # and x264 writes exactly one packet per frame it was given, so reading every
+        # packet out of the container (as -c copy does) and counting the planned number
+        # proves the part is whole and complete; decoding 1500 frames again took ~0.3 s of
+        # a 60 s job's ~2.8 s (measured at 512x512) and proved nothing more about our file.
         check_video(task.out, frames=b.frames, width=task.inputs.width,
-                    height=task.inputs.height, fps=task.inputs.fps)
+                    height=task.inputs.height, fps=task.inputs.fps, decode=False)
         os.replace(task.out, job.part(index))
     finally:
         with contextlib.suppress(OSError):

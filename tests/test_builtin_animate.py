@@ -132,8 +132,14 @@ def test_mouth_interior_dark_but_not_past_corners(portrait: np.ndarray, layout: 
     frame = anim.render(np.arange(1), np.array([1.0]))[0]
     cx, cy, hw = layout.mouth
     before, after = luma(portrait), luma(frame)
-    # Inside the opening, just below the lip line at the centre: much darker.
-    inner = (slice(int(cy) + 2, int(cy) + 8), slice(int(cx - 0.3 * hw), int(cx + 0.3 * hw)))
+    # The astronaut smiles with her upper teeth showing: they stay where they are, and the
+    # mouth opens below them.
+    line = anim.opening_line
+    assert line > cy + 8
+    teeth = (slice(int(cy) + 2, int(line) - 4), slice(int(cx - 0.3 * hw), int(cx + 0.3 * hw)))
+    assert np.abs(after[teeth] - before[teeth]).max() < 3
+    # Inside the opening, just below that line at the centre: much darker.
+    inner = (slice(int(line) + 2, int(line) + 8), slice(int(cx - 0.3 * hw), int(cx + 0.3 * hw)))
     assert after[inner].mean() < before[inner].mean() - 60
     assert after[inner].mean() < 80
     # Just beyond each lip corner, on the lip line: no dark line.
@@ -313,3 +319,21 @@ def test_mouth_openness_mapping() -> None:
     assert np.array_equal(
         np.concatenate([mouth_openness(feats[:17], 1.0), mouth_openness(feats[17:], 1.0)]), full
     )
+
+
+def test_grey_portrait_gets_a_grey_mouth(portrait: np.ndarray, layout: FaceLayout) -> None:
+    # A red interior in a black-and-white photo reads as paint: the palette follows the face.
+    grey = cv2.cvtColor(cv2.cvtColor(portrait, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    frame = Animator(grey, layout, seed=1, fps=FPS, options=STILL).render(
+        np.arange(1), np.array([1.0])
+    )[0].astype(int)
+    changed = np.abs(frame - grey).max(axis=-1) > 30
+    assert changed.sum() > 300  # the mouth did open
+    spread = frame.max(axis=-1) - frame.min(axis=-1)
+    assert spread[changed].max() <= 3
+    # ...while the colour photo keeps a reddish interior.
+    color = Animator(portrait, layout, seed=1, fps=FPS, options=STILL).render(
+        np.arange(1), np.array([1.0])
+    )[0].astype(int)
+    inside = np.abs(color - portrait).max(axis=-1) > 30
+    assert (color[..., 0] - color[..., 2])[inside].mean() > 8

@@ -43,7 +43,7 @@ F32 = np.float32
 
 # --- proportions, relative to the face box height (fh) unless noted --------------------
 _MOUTH_TRAVEL = 0.08  # lower-lip travel at openness 1 (the whole gap is 1.25x this)
-_UPPER_LIP_SHARE = 0.25  # upper-lip travel / lower-lip travel
+_UPPER_LIP_SHARE = 0.15  # upper-lip travel / lower-lip travel (0 when the teeth show)
 _CHIN = 0.30  # lip line -> chin; the jaw moves down rigidly to here
 _CHIN_FADE = 0.22  # below the chin the jaw motion fades out over this length
 _UPPER_FADE = 0.13  # lip line -> base of the nose, where the upper-lip motion is gone
@@ -65,10 +65,21 @@ _NOD = 0.012  # vertical scale about the neck pivot
 # Blink timing (seconds): fast close, short hold, slower open.
 _BLINK_CLOSE, _BLINK_HOLD, _BLINK_OPEN = 0.06, 0.03, 0.09
 
-# Mouth interior colours (RGB).
-_CAVITY = np.array([50.0, 16.0, 18.0])
-_TONGUE = np.array([135.0, 58.0, 60.0])
+# Lip shapes: mouth width x (1 + this) when fully spread (e/i), x (1 - this) when fully
+# rounded (o/u); a spread mouth opens a little less, a rounded one a little more.
+_SPREAD_WIDEN, _ROUND_NARROW = 0.15, 0.25
+_CLOSURE_DEPTH = 0.6  # a full closure (m, n) takes this share of the opening
+_SPREAD_FLATTEN, _ROUND_DEEPEN = 0.1, 0.0
+_SQUEEZE_LIPS = 0.06  # lip thickness (x fh) that the width change carries fully
+_SQUEEZE_FADE = 0.07  # beyond the lips it fades out over this (x fh)
+
+# Mouth interior colours (RGB): the back of the mouth, the lit inside of the lips,
+# the tongue and the teeth.
+_CAVITY = np.array([28.0, 9.0, 11.0])
+_INNER_LIP = np.array([112.0, 44.0, 48.0])
+_TONGUE = np.array([150.0, 66.0, 68.0])
 _TEETH = np.array([218.0, 210.0, 196.0])
+_MAX_TEETH_SCAN = 0.09  # how far below the lip line visible teeth are looked for (x fh)
 
 _K = 5  # coarse-grid step in pixels (odd: cv2.resize then hits grid points exactly)
 
@@ -86,22 +97,45 @@ class AnimatorOptions:
     teeth: bool = True  # paint a hint of upper teeth when the mouth opens wide
 
 
+def _feature_columns(features: np.ndarray) -> np.ndarray:
+    """(N, 4) float32 features; (N, 2) ones (a job analysed by an older version) get
+    neutral lip shapes."""
+    feats = np.asarray(features, dtype=F32)
+    if feats.ndim != 2 or feats.shape[1] not in (2, 4):
+        feats = feats.reshape(-1, 2)
+    if feats.shape[1] == 2:
+        feats = np.concatenate([feats, np.zeros((feats.shape[0], 2), F32)], axis=1)
+    return feats
+
+
 def mouth_openness(features: np.ndarray, gain: float) -> np.ndarray:
-    """Per-frame mouth opening in [0, 1] from (level, voiced) features of shape (N, 2).
+    """Per-frame mouth opening in [0, 1] from analysis features of shape (N, 4) or (N, 2).
 
     A pure per-frame mapping: loudness opens the mouth (past a noise gate, so pauses close
-    it) and voiced energy opens it further (vowels wide, fricatives narrow).
+    it), voiced energy opens it further (vowels wide, fricatives narrow), and a closure
+    (a nasal murmur: m, n) shuts it while the voice goes on.
     """
-    feats = np.asarray(features, dtype=F32).reshape(-1, 2)
+    feats = _feature_columns(features)
     level = np.clip(np.nan_to_num(feats[:, 0]), 0.0, 1.0)
     voiced = np.clip(np.nan_to_num(feats[:, 1]), 0.0, 1.0)
+    shut = np.clip(np.nan_to_num(feats[:, 3]), 0.0, 1.0)
     # Gate the noise floor, then a soft knee (x^0.75, via exact square roots so the value
     # never depends on the array a frame sits in): moderate speech already opens visibly.
     x = np.clip((level - 0.06) / 0.64, 0.0, 1.0)
     root = np.sqrt(x)
     loud = root * np.sqrt(root)
     shape = 0.45 + 0.55 * voiced
-    return np.clip(loud * shape * float(gain), 0.0, 1.0).astype(F32)
+    # A closure takes most of the opening, not all: the level is smoothed over neighbouring
+    # frames, so a short m would otherwise snap the lips shut mid-syllable (measured: full
+    # closures lowered the opening/loudness correlation on espeak-ng speech to 0.907).
+    close = 1.0 - _CLOSURE_DEPTH * shut
+    return np.clip(loud * shape * close * float(gain), 0.0, 1.0).astype(F32)
+
+
+def mouth_spread(features: np.ndarray) -> np.ndarray:
+    """Per-frame lip shape in [-1, 1] (-1 rounded o/u, +1 spread e/i, 0 neutral)."""
+    feats = _feature_columns(features)
+    return np.clip(np.nan_to_num(feats[:, 2]), -1.0, 1.0).astype(F32)
 
 
 # --- deterministic pseudo-randomness -------------------------------------------------
@@ -254,16 +288,25 @@ class Animator:
         mcx, lip_y, mhw = self.layout.mouth
         fw, fh = self._fw, self._fh
         self._mhw = max(mhw, 1.0)
+        # A smile that shows its upper teeth opens below them: the teeth stay with the
+        # skull and only the lower lip and jaw drop (no painted teeth, no upper-lip lift).
+        self._teeth_depth, teeth_hw = self._find_teeth()
+        lip_y += self._teeth_depth
+        if self._teeth_depth > 0.0:
+            # Below a smile's teeth the opening is as wide as the teeth's lower edge, not
+            # the smile (whose corners sit higher up).
+            self._mhw = max(min(self._mhw, teeth_hw), 0.75 * self._mhw)
+        self._up_share = 0.0 if self._teeth_depth > 0.0 else _UPPER_LIP_SHARE
         self._mouth_c = (mcx, lip_y)
         self._travel = _MOUTH_TRAVEL * fh
         # Exact per-pixel work is needed only in a band around the lip line: the gap
         # (up to 1.25 x travel tall) plus one coarse cell each side, where the upsampled
         # map mixes values across the lip line. Profiles are kept flat over that band.
-        self._band_up = max(_UPPER_LIP_SHARE * self._travel, _K) + 1.0
+        self._band_up = max(self._up_share * self._travel, _K) + 1.0
         self._band_down = max(self._travel, _K) + 1.0
         flat_up = self._band_up + 1.0
         flat_down = self._band_down + 1.0
-        lift_max = _UPPER_LIP_SHARE * self._travel
+        lift_max = self._up_share * self._travel
         self._up_start = flat_up
         self._up_len = max(_UPPER_FADE * fh - flat_up, 3.0 * lift_max + 2.0)
         self._widen_start = flat_down
@@ -277,7 +320,7 @@ class Animator:
         self._s_tab = s_tab
         self._lift_tab = np.where(
             s_tab < 0.0,
-            _UPPER_LIP_SHARE * (1.0 - _smoothstep((-s_tab - self._up_start) / self._up_len)),
+            self._up_share * (1.0 - _smoothstep((-s_tab - self._up_start) / self._up_len)),
             0.0,
         )
         self._drop_tab = np.where(
@@ -290,8 +333,9 @@ class Animator:
         self._rows_f = np.arange(self._height, dtype=np.float64)
         self._cols_f = np.arange(self._width, dtype=np.float64)
         # Soft edge of the painted interior, in pixels (the photo's own edges are soft).
-        self._feather = max(1.0, 0.007 * fh)
-        self._paint_teeth = self.options.teeth and not self._shows_teeth()
+        self._feather = max(1.2, 0.012 * fh)
+        self._palette = self._mouth_palette()
+        self._paint_teeth = self.options.teeth and self._teeth_depth == 0.0
         # Output region the mouth can affect, with room for the head motion.
         margin = 0.05 * max(fw, fh) + 2.0
         reach = self._mhw * (1.0 + _JAW_WIDEN) + margin
@@ -313,11 +357,31 @@ class Animator:
             m = self._mask(gx, gy)
             self._mouth_mask = None if m.min() >= 1.0 else m.astype(F32)
 
-    def _shows_teeth(self) -> bool:
-        """Whether the portrait already shows teeth just below the lip line (a smile).
+    def _mouth_palette(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Cavity, inner lip, tongue and teeth colours, as colourful as the face is.
 
-        Then the jaw carries real teeth down and painted ones would double them. Teeth are
-        about as bright as the cheeks and no more saturated, unlike a lower lip.
+        A black-and-white photo gets grey ones (a red mouth in a grey face reads as paint).
+        """
+        x, y, w, h = self.layout.face
+        a, b = _span(x + 0.2 * w, x + 0.8 * w, self._width)
+        c, d = _span(y + 0.2 * h, y + 0.8 * h, self._height)
+        px = self.portrait[c:d, a:b].reshape(-1, 3).astype(F32)
+        chroma = float(np.median(px.max(axis=1) - px.min(axis=1))) if px.size else 0.0
+        sat = min(max(chroma / 30.0, 0.0), 1.0)
+        weights = np.array([0.299, 0.587, 0.114])
+
+        def tone(rgb: np.ndarray) -> np.ndarray:
+            grey = float(rgb @ weights)
+            return grey + sat * (rgb - grey)
+
+        return tone(_CAVITY), tone(_INNER_LIP), tone(_TONGUE), tone(_TEETH)
+
+    def _find_teeth(self) -> tuple[float, float]:
+        """How far below the lip line the portrait shows upper teeth (a smile), in px, and
+        the half-width of their lower edge; (0, 0): no teeth.
+
+        Teeth are about as bright as the cheeks and no more saturated, unlike a lip: rows
+        of the mouth's middle are scanned down from the lip line while they look like teeth.
         """
         mcx, lip_y, mhw = self.layout.mouth
         fh = self._fh
@@ -328,9 +392,8 @@ class Animator:
             if b <= a or d <= c:
                 return None
             hsv = cv2.cvtColor(np.ascontiguousarray(self.portrait[c:d, a:b]), cv2.COLOR_RGB2HSV)
-            return hsv.reshape(-1, 3).astype(F32)
+            return hsv.astype(F32)
 
-        below = patch(mcx - 0.4 * mhw, mcx + 0.4 * mhw, lip_y + 2.0, lip_y + 2.0 + 0.04 * fh)
         cheeks = [
             patch(
                 mcx + side * 1.4 * mhw - 0.1 * fh,
@@ -340,12 +403,42 @@ class Animator:
             )
             for side in (-1.0, 1.0)
         ]
-        found = [c for c in cheeks if c is not None]
+        found = [c.reshape(-1, 3) for c in cheeks if c is not None]
+        top = math.floor(lip_y)
+        below = patch(mcx - 0.4 * mhw, mcx + 0.4 * mhw, top, top + _MAX_TEETH_SCAN * fh)
         if below is None or not found:
-            return False
+            return 0.0, 0.0
         skin = np.median(np.concatenate(found), axis=0)
-        lip = np.median(below, axis=0)
-        return bool(lip[2] >= 0.85 * skin[2] and lip[1] <= skin[1])
+        rows = np.median(below, axis=1)  # (rows, 3) HSV
+        teeth = (rows[:, 2] >= 0.85 * skin[2]) & (rows[:, 1] <= skin[1])
+        # The first rows may still be the upper lip's edge; teeth must start right below.
+        near = min(teeth.size, max(4, round(0.03 * fh)))
+        start = next((i for i in range(near) if teeth[i]), None)
+        if start is None:
+            return 0.0, 0.0
+        end = start
+        while end < teeth.size and teeth[end]:
+            end += 1
+        if end - start < 2:
+            return 0.0, 0.0
+        # The teeth's width a little above their lower edge: the run of teeth-like pixels
+        # through the mouth's centre.
+        y = top + end - 2
+        row = patch(mcx - 1.2 * mhw, mcx + 1.2 * mhw, y, y)
+        half_w = mhw
+        if row is not None:
+            px = row[0]
+            like = (px[:, 2] >= 0.85 * skin[2]) & (px[:, 1] <= skin[1])
+            x0 = _span(mcx - 1.2 * mhw, mcx, self._width)[0]
+            c = min(max(round(mcx) - x0, 0), like.size - 1)
+            lo, hi = c, c
+            while lo > 0 and like[lo - 1]:
+                lo -= 1
+            while hi < like.size - 1 and like[hi + 1]:
+                hi += 1
+            if like[c]:
+                half_w = 0.5 * (hi - lo + 1) + 0.1 * mhw  # the lip corner rounds past them
+        return float(top + end) - lip_y, half_w
 
     def _setup_eyes(self) -> None:
         self._eyes: list[tuple[_Eye, _Box, np.ndarray]] = []  # eye, its box, lash colour
@@ -494,21 +587,49 @@ class Animator:
 
     # --- rendering -----------------------------------------------------------------------
 
-    def render(self, frame_indices: np.ndarray, openness: np.ndarray) -> np.ndarray:
-        """Frames (B, H, W, 3) uint8 for global frame indices and per-frame openness."""
+    def render(
+        self,
+        frame_indices: np.ndarray,
+        openness: np.ndarray,
+        spread: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Frames (B, H, W, 3) uint8 for global frame indices, per-frame openness in [0, 1]
+        and per-frame lip spread in [-1, 1] (see mouth_spread; None: neutral)."""
         idx = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
         amount = np.asarray(openness, dtype=np.float64).reshape(-1)
         if idx.shape != amount.shape:
             raise ValueError(f"{idx.size} frame indices but {amount.size} openness values")
+        shape = np.zeros_like(amount) if spread is None else np.asarray(spread, np.float64)
+        shape = shape.reshape(-1)
+        if shape.shape != idx.shape:
+            raise ValueError(f"{idx.size} frame indices but {shape.size} spread values")
         out = np.empty((idx.size, self._height, self._width, 3), dtype=np.uint8)
         for k in range(idx.size):
-            a = float(amount[k])
-            a = min(max(a, 0.0), 1.0) if math.isfinite(a) else 0.0
-            self._render_into(out[k], int(idx[k]), a)
+            self._render_into(out[k], int(idx[k]), float(amount[k]), float(shape[k]))
         return out
 
-    def _render_into(self, frame: np.ndarray, i: int, openness: float) -> None:
-        travel = openness * self._travel
+    @property
+    def opening_line(self) -> float:
+        """The row the mouth opens at: the lip line, or below the upper teeth of a smile."""
+        return self._mouth_c[1]
+
+    def mouth_width(self, openness: float, spread: float) -> float:
+        """The opening's half-width in pixels for one frame's openness and spread."""
+        return self._mhw * self._shape(openness, spread)[1]
+
+    def _shape(self, openness: float, spread: float) -> tuple[float, float]:
+        """(lower-lip travel in px, width scale) for one frame; pure scalar arithmetic."""
+        a = min(max(openness, 0.0), 1.0) if math.isfinite(openness) else 0.0
+        sp = min(max(spread, -1.0), 1.0) if math.isfinite(spread) else 0.0
+        wide, rnd = max(sp, 0.0), max(-sp, 0.0)
+        travel = a * self._travel * (1.0 - _SPREAD_FLATTEN * wide + _ROUND_DEEPEN * rnd)
+        # Barely parted lips keep their shape; the shape comes in as the mouth opens.
+        ease = _smooth1(a / 0.15)
+        width = 1.0 + ease * (_SPREAD_WIDEN * wide - _ROUND_NARROW * rnd)
+        return travel, width
+
+    def _render_into(self, frame: np.ndarray, i: int, openness: float, spread: float) -> None:
+        travel, width = self._shape(openness, spread)
         mouth = travel >= 0.02 and self._mouth_box is not None
         blink = self._blink(i)
         pose = self._pose(i)
@@ -518,8 +639,8 @@ class Animator:
         if not self._has_roi or (pose.still and not mouth and blink <= 0.0):
             return
         mouth_shift = self._shift_at(pose, *self._mouth_c)
-        self._coarse_map(pose, travel if mouth else 0.0, mouth_shift)
-        band = self._mouth_band(pose, travel, mouth_shift) if mouth else None
+        self._coarse_map(pose, travel if mouth else 0.0, mouth_shift, width)
+        band = self._mouth_band(pose, travel, mouth_shift, width) if mouth else None
         lids: list[tuple[_Eye, _Box, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         if blink > 0.0:
             for eye, box, lash in self._eyes:
@@ -536,11 +657,13 @@ class Animator:
                 borderMode=cv2.BORDER_REPLICATE,
             )
         if band is not None:
-            self._paint_mouth(frame, *band)
+            self._paint_mouth(frame, *band, width)
         for lid in lids:
             self._paint_lashes(frame, *lid)
 
-    def _coarse_map(self, pose: _Pose, travel: float, shift: tuple[float, float]) -> None:
+    def _coarse_map(
+        self, pose: _Pose, travel: float, shift: tuple[float, float], width: float
+    ) -> None:
         """Smooth map on the coarse grid (head + jaw), upsampled into the map buffers."""
         lx, ly, tmp = self._lowx, self._lowy, self._tmp
         np.multiply(self._cmx, F32(pose.a00), out=lx)
@@ -558,7 +681,10 @@ class Animator:
         if travel > 0.0 and self._mouth_cells is not None:
             i0, i1, j0, j1 = self._mouth_cells
             ys, xs = self._coarse_ys[i0:i1], self._coarse_xs[j0:j1]
-            ly[i0:i1, j0:j1] += self._mouth_smooth(travel, shift, ys, xs)
+            dy, dx = self._mouth_smooth(travel, shift, ys, xs, width)
+            ly[i0:i1, j0:j1] += dy
+            if dx is not None:
+                lx[i0:i1, j0:j1] += dx
         cv2.resize(lx, self._bufx.shape[::-1], dst=self._bufx, interpolation=cv2.INTER_LINEAR)
         cv2.resize(ly, self._bufy.shape[::-1], dst=self._bufy, interpolation=cv2.INTER_LINEAR)
 
@@ -574,37 +700,53 @@ class Animator:
         return u
 
     def _mouth_smooth(
-        self, travel: float, shift: tuple[float, float], ys: np.ndarray, xs: np.ndarray
-    ) -> np.ndarray:
-        """Source shift of the lips and jaw without the lip-gap clamp (coarse grid).
+        self,
+        travel: float,
+        shift: tuple[float, float],
+        ys: np.ndarray,
+        xs: np.ndarray,
+        width: float,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Source shift (y, x) of the lips and jaw without the lip-gap clamp (coarse grid).
 
         s is the distance below the lip line and dx from the mouth centre in the head's
         frame: the head's shift at the mouth is applied; its roll moves the lips by well
-        under a pixel over the mouth and is ignored.
+        under a pixel over the mouth and is ignored. The x shift narrows (rounded) or
+        widens (spread) the lips about the mouth centre, fading out around them.
         """
         s = ys + (shift[1] - self._mouth_c[1])
         dx = xs + (shift[0] - self._mouth_c[0])
         s_tab = self._s_tab
+        inv_w2 = 1.0 / (width * width)
         lift = np.interp(s, s_tab, self._lift_tab) * travel
         drop = np.interp(s, s_tab, self._drop_tab) * travel
-        upper = np.multiply.outer(lift, self._lip_profile(dx, 1.0 / self._mhw**2))
-        lower = self._lip_profile(dx, np.interp(s, s_tab, self._inv_w2_tab))
+        upper = np.multiply.outer(lift, self._lip_profile(dx, inv_w2 / self._mhw**2))
+        lower = self._lip_profile(dx, np.interp(s, s_tab, self._inv_w2_tab) * inv_w2)
         lower *= drop[:, None]
         upper -= lower
-        return upper.astype(F32)
+        if width == 1.0:
+            return upper.astype(F32), None
+        fh, mhw = self._fh, self._mhw
+        # Distance outside the lips: above the lip line, or below the dropped lower lip.
+        out_s = np.where(s < 0.0, -s, np.maximum(s - travel, 0.0))
+        gs = 1.0 - _smoothstep((out_s - _SQUEEZE_LIPS * fh) / (_SQUEEZE_FADE * fh))
+        gx = 1.0 - _smoothstep((np.abs(dx) - 0.7 * mhw) / (0.9 * mhw))
+        sideways = np.multiply.outer(gs, (1.0 / width - 1.0) * dx * gx)
+        return upper.astype(F32), sideways.astype(F32)
 
     def _mouth_band(
-        self, pose: _Pose, travel: float, shift: tuple[float, float]
+        self, pose: _Pose, travel: float, shift: tuple[float, float], width: float
     ) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Exact map rows around the lip line; returns what _paint_mouth needs."""
         assert self._mouth_box is not None
         x0, y0, x1, y1 = self._mouth_box
         mcx, lip = self._mouth_c
         lip_y = lip - shift[1]  # where the lip line lands in the output
+        half_w = self._mhw * width
         by0, by1 = _span(lip_y - self._band_up, lip_y + self._band_down, self._height)
         bx0, bx1 = _span(
-            mcx - shift[0] - self._mhw - _K - 1.0,
-            mcx - shift[0] + self._mhw + _K + 1.0,
+            mcx - shift[0] - half_w - _K - 1.0,
+            mcx - shift[0] + half_w + _K + 1.0,
             self._width,
         )
         by0, by1, bx0, bx1 = max(by0, y0), min(by1, y1), max(bx0, x0), min(bx1, x1)
@@ -624,8 +766,8 @@ class Animator:
         qy += ys[:, None]
         qx += xs
         s = qy - lip
-        f = self._lip_profile(qx - mcx, 1.0 / self._mhw**2)
-        lift = f * (_UPPER_LIP_SHARE * travel)  # gap top, above the lip line
+        f = self._lip_profile(qx - mcx, 1.0 / half_w**2)
+        lift = f * (self._up_share * travel)  # gap top, above the lip line
         drop = f * travel  # gap bottom, below the lip line
         # Rows above the line sample lower (the upper lip rises), rows below sample higher
         # (the jaw drops), but never across the lip line: the gap samples the line itself
@@ -645,11 +787,14 @@ class Animator:
         dx: np.ndarray,
         lift: np.ndarray,
         drop: np.ndarray,
+        width: float,
     ) -> None:
         """Paint the mouth interior into the lip gap [-lift, drop], anti-aliased.
 
         All arrays are per band pixel: s and dx place it in the head's frame, lift and drop
-        are the gap's extent above and below the lip line there.
+        are the gap's extent above and below the lip line there. The interior is darkest at
+        the back (the middle of the opening) and lighter towards the lips, in the shadow of
+        the upper teeth at the top; a wide opening shows a hint of tongue and lower teeth.
         """
         open_cols = np.flatnonzero(drop.max(axis=0) > 0.0)  # only where the gap is open
         if open_cols.size == 0:
@@ -673,14 +818,29 @@ class Animator:
         gap = drop + lift
         depth = s + lift
         depth /= np.maximum(gap, 1e-3)
-        # Cavity: near-black red, a hint of tongue low in a wide-open mouth.
-        tongue = depth - 0.55
-        tongue *= 1.0 / 0.45
-        np.clip(tongue, 0.0, 1.0, out=tongue)
-        tongue *= tongue
-        tongue *= np.clip((gap - 4.0) * 0.05, 0.0, 0.5)
-        color = np.multiply.outer(tongue, _TONGUE - _CAVITY)
-        color += _CAVITY
+        np.clip(depth, 0.0, 1.0, out=depth)
+        hx = np.abs(dx) * (1.0 / (self._mhw * width))
+        # Lit towards the lips (the sides and the lower lip), dark at the back.
+        r2 = hx * hx
+        r2 += ((depth - 0.4) * (1.0 / 0.6)) ** 2
+        lit = _smoothstep((r2 - 0.2) * (1.0 / 0.8))
+        lit *= 0.85
+        # The upper teeth (or lip) shade the top of the opening.
+        lit *= _smoothstep(depth * 4.0)
+        cavity, inner_lip, tongue_rgb, teeth_rgb = self._palette
+        color = np.multiply.outer(lit, inner_lip - cavity)
+        color += cavity
+        # Tongue low in the middle, lower teeth just above the lower lip: only in a wide
+        # opening, and only a hint.
+        wide = np.clip((gap - 6.0) * (1.0 / 14.0), 0.0, 1.0)
+        tongue = _smoothstep((depth - 0.55) * (1.0 / 0.3))
+        tongue *= np.maximum(1.0 - hx * hx * 1.6, 0.0)
+        tongue *= wide * 0.55
+        color += tongue[..., None] * (tongue_rgb - color)
+        lower = _smoothstep((depth - 0.7) * 8.0) * (1.0 - _smoothstep((depth - 0.86) * 12.0))
+        lower *= np.maximum(1.0 - (hx * (1.0 / 0.6)) ** 2, 0.0)
+        lower *= wide * 0.35
+        color += lower[..., None] * (0.8 * teeth_rgb - color)
         if self._paint_teeth:
             self._paint_teeth_band(color, s, dx, lift, gap)
         region = frame[y0 + r0 : y0 + r1, x0 + c0 : x0 + c1]
@@ -710,7 +870,7 @@ class Animator:
         teeth = 1.0 - _smoothstep((inside - 0.6) * 2.5)
         teeth *= _smoothstep(inside * 4.0)
         teeth *= 0.9 * _smoothstep((gap - 3.0) * 0.125) * np.sqrt(shape)
-        shade = np.multiply.outer(0.6 + 0.4 * shape, _TEETH) - color
+        shade = np.multiply.outer(0.6 + 0.4 * shape, self._palette[3]) - color
         shade *= teeth[..., None]
         color += shade
 

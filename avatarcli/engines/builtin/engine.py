@@ -40,7 +40,12 @@ class BuiltinEngine(Engine):
         from PIL import Image
 
         from avatarcli import media
-        from avatarcli.engines.builtin.animate import Animator, AnimatorOptions, mouth_openness
+        from avatarcli.engines.builtin.animate import (
+            Animator,
+            AnimatorOptions,
+            mouth_openness,
+            mouth_spread,
+        )
         from avatarcli.engines.builtin.face import FaceLayout
 
         threads = int(os.environ.get("AVATARCLI_THREADS", "0"))
@@ -52,7 +57,9 @@ class BuiltinEngine(Engine):
             portrait = np.asarray(im.convert("RGB"))
         layout = FaceLayout.from_dict(task.engine_state["layout"])
         features = np.load(inp.features, mmap_mode="r")[batch.frame_start:batch.frame_end]
-        openness = mouth_openness(np.asarray(features, dtype=np.float32), opts.mouth_gain)
+        features = np.asarray(features, dtype=np.float32)
+        openness = mouth_openness(features, opts.mouth_gain)
+        spread = mouth_spread(features)
         animator = Animator(
             portrait, layout, seed=self.preset.seed, fps=inp.fps,
             options=AnimatorOptions(mouth_gain=opts.mouth_gain,
@@ -66,7 +73,7 @@ class BuiltinEngine(Engine):
                 end = min(start + CHUNK_FRAMES, batch.frame_end)
                 indices = np.arange(start, end, dtype=np.int64)
                 local = slice(start - batch.frame_start, end - batch.frame_start)
-                rgb = animator.render(indices, openness[local])
+                rgb = animator.render(indices, openness[local], spread[local])
                 # A fresh buffer per chunk: the writer owns it until ffmpeg has read it.
                 yuv = np.empty((len(rgb), inp.height * 3 // 2, inp.width), np.uint8)
                 for i, frame in enumerate(rgb):
