@@ -23,9 +23,12 @@ def _concat_line(path: Path) -> str:
 
 
 def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, frames: int,
-             width: int, height: int, fps: int, tag: str = "",
+             width: int, height: int, fps: int, tag: str = "", seams: str = "",
              audio_bitrate: str = "192k") -> None:
-    """Concatenate `parts`, mux `audio` as AAC, verify, then atomically move to `output`."""
+    """Concatenate `parts`, mux `audio` as AAC, verify, then atomically move to `output`.
+
+    `seams` goes into the MP4's description: where parts join (`check.seam_tag`).
+    """
     fd, list_name = tempfile.mkstemp(prefix=".concat-", suffix=".txt", dir=output.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.writelines(_concat_line(p) for p in parts)
@@ -40,6 +43,8 @@ def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, fr
             "-c:v", "copy", "-c:a", "aac", "-b:a", audio_bitrate,
             # Which job made this file: lets a batch rerun skip outputs that are done.
             *(["-metadata", f"comment={tag}"] if tag else []),
+            # Where the parts join, for `avatar check` to measure the jump at each.
+            *(["-metadata", f"description={seams}"] if seams else []),
             "-movflags", "+faststart", "-f", "mp4", str(tmp),
         ])
         verify_output(tmp, audio_s=audio_s, frames=frames, width=width, height=height, fps=fps)

@@ -19,6 +19,7 @@ import numpy as np
 
 from avatarcli import analysis, engines, history, media, portrait
 from avatarcli.assemble import assemble
+from avatarcli.check import seam_tag
 from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, InputError
 from avatarcli.ffmpeg import ffmpeg_exe
@@ -287,7 +288,8 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
     # Join, mux the original audio once, verify, publish.
     assemble([job.part(b.index) for b in plan.batches], inputs.audio, result.output,
              audio_s=feats.duration_s, frames=plan.frames, width=plan.width,
-             height=plan.height, fps=plan.fps, tag=f"{TAG_PREFIX}{key}")
+             height=plan.height, fps=plan.fps, tag=f"{TAG_PREFIX}{key}",
+             seams=seam_tag([b.frame_start for b in plan.batches[1:]], 0))
     manifest["finished"] = now()
     job.save(manifest)
     result.batches = _views(plan, engine, inputs, job, manifest, slots)
