@@ -475,3 +475,18 @@ def quick_figures(report: Report) -> dict[str, Any]:
         "seam_max_ratio": seams.get("max_ratio"),
     }
 
+
+
+def warnings(report: Report) -> list[str]:
+    """What `avatar gen` warns about: a lag that is not 0 (or unknown), and failed checks."""
+    out = []
+    sync = report.items["sync"]
+    lag = sync.figures.get("lag_frames")
+    if lag is not None and lag != 0:
+        out.append(f"{report.video}: lip sync is off by {lag:+d} frame(s) "
+                   f"({sync.figures['lag_ms']:+.0f} ms, picture {'late' if lag > 0 else 'early'})")
+    elif lag is None and sync.figures.get("reason"):
+        out.append(f"{report.video}: lip-sync lag unknown ({sync.figures['reason']})")
+    out += [f"{report.video}: check {name} failed: {item.detail}"
+            for name, item in report.items.items() if item.ok is False and name != "sync"]
+    return out

@@ -159,6 +159,15 @@ def _parse_face(value: str | None) -> tuple[int, int, int, int] | None:
     return x, y, w, h
 
 
+def _check_line(figures: dict[str, Any]) -> str:
+    lag = figures.get("lag_frames")
+    sync = (f"lag {lag:+d} frame(s), correlation {figures.get('sync_corr')}" if lag is not None
+            else f"lag unknown ({figures.get('sync_reason')})")
+    verdict = "all checks hold" if figures.get("ok") else f"failed: {', '.join(figures['failed'])}"
+    return (f"{verdict}; {sync}; largest seam jump {figures.get('seam_max_ratio')}x the median "
+            f"change; longest frozen run {figures.get('frozen_longest_frames')} frames")
+
+
 def _print_plan(result: Result) -> None:
     typer.echo(f"plan: {result.duration_s:.2f} s of audio -> {result.frames} frames at "
                f"{result.fps} fps, {result.width}x{result.height}, preset {result.preset} "
@@ -188,6 +197,8 @@ GpusOpt = Annotated[str | None, typer.Option("--gpus", metavar="IDS",
 KeepParts = Annotated[bool, typer.Option("--keep-parts", help="Keep the job directory after success.")]
 ExecutorOpt = Annotated[str, typer.Option("--executor", metavar="local|ray",
                                           help="Where batch processes run: this machine, or a Ray cluster.")]
+NoCheck = Annotated[bool, typer.Option("--no-check",
+                                       help="Do not run avatar check on the finished video (model engines).")]
 RayAddress = Annotated[str, typer.Option("--ray-address", metavar="ADDRESS",
                                          help="Ray cluster: auto, ray://host:port, or local (an in-process cluster).")]
 
@@ -250,6 +261,7 @@ def gen(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; render nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output; discard a mismatching job.")] = False,
     keep_parts: KeepParts = False,
+    no_check: NoCheck = False,
     executor: ExecutorOpt = "local",
     ray_address: RayAddress = "auto",
     quiet: Quiet = False,
@@ -260,7 +272,8 @@ def gen(
     """Render AUDIO spoken by the face in IMAGE into one verified MP4 (resumable)."""
     _setup_logging(verbose, quiet or as_json, log_file)
     _install_signal_handlers()
-    resolved = presets.resolve(_preset_ref(preset, gpus), presets.parse_set(set_ or []),
+    set_ = [*(set_ or []), *(["check=false"] if no_check else [])]
+    resolved = presets.resolve(_preset_ref(preset, gpus), presets.parse_set(set_),
                                prompt=prompt)
     events = CliEvents(bar=_show_bar(quiet or as_json), quiet=quiet or as_json)
     out_dir = (output or audio).expanduser().absolute().parent
@@ -289,6 +302,8 @@ def gen(
                        f"(lighter settings from the preset's oom_retry)")
         if result.telemetry.get("summary"):
             typer.echo(f"batches: {result.telemetry['summary']}")
+        if result.check:
+            typer.echo(f"check: {_check_line(result.check)}")
     if not dry_run:
         log.debug("done", extra={"fields": {"event": "job", "status": "done",
                                             **result.summary()}})
@@ -305,6 +320,7 @@ def batch_cmd(
     jobs: JobsOpt = 1,
     gpus: GpusOpt = None,
     keep_parts: KeepParts = False,
+    no_check: NoCheck = False,
     executor: ExecutorOpt = "local",
     ray_address: RayAddress = "auto",
     rows_at_once: Annotated[int, typer.Option("--rows", min=1, max=256,
@@ -323,6 +339,8 @@ def batch_cmd(
     _install_signal_handlers()
     rows = batch.load_manifest(manifest)
     preset = _preset_ref(preset, gpus)
+    if no_check:
+        set_ = [*(set_ or []), "check=false"]
     if preset or set_:  # a wrong -p or --set is a usage error, not a failure of every row
         presets.resolve(preset, presets.parse_set(set_ or []))
     for problem in batch.validate(rows, preset=preset, overrides=set_ or []):
@@ -346,6 +364,8 @@ def batch_cmd(
             # One summary line per job on stderr (failures even with --quiet), and the log file.
             detail = f" ({r.reason})" if r.reason else ""
             line = f"{r.status}: {r.output}{detail} in {r.seconds:.1f} s"
+            if r.check:
+                line += f"; check: {_check_line(r.check)}"
             if r.status in ("failed", "busy") or not quiet:
                 _err(line)
             log.debug("%s", line, extra={"fields": {"event": "row", **r.to_dict()}})

@@ -24,7 +24,7 @@ from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, InputError
 from avatarcli.ffmpeg import ffmpeg_exe
 from avatarcli.job import JobDir, JobLock, file_digest, job_key, now
-from avatarcli.options import NON_RENDERING_KEYS, Preset
+from avatarcli.options import NON_RENDERING_KEYS, RESTARTING_ENGINES, Preset
 from avatarcli.plan import Plan, make_plan
 from avatarcli.presets import ResolvedPreset, parse_size
 from avatarcli.runner import BatchResult, Executor, Hooks, Runner
@@ -88,6 +88,7 @@ class Result:
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
     telemetry: dict[str, Any] = field(default_factory=dict)  # the job's batches together
+    check: dict[str, Any] = field(default_factory=dict)  # `avatar check` figures (model engines)
 
     def summary(self) -> dict[str, Any]:
         """The machine-readable summary printed by `--json`."""
@@ -99,7 +100,7 @@ class Result:
             "batches": len(self.batches), "batches_rendered": self.rendered,
             "batches_reused": self.reused, "seconds": round(self.seconds, 2),
             "dry_run": self.dry_run, "warnings": self.warnings,
-            "telemetry": self.telemetry,
+            "telemetry": self.telemetry, "check": self.check,
             "plan": [vars(b) for b in self.batches],
         }
 
@@ -291,10 +292,30 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
              height=plan.height, fps=plan.fps, tag=f"{TAG_PREFIX}{key}",
              seams=seam_tag([b.frame_start for b in plan.batches[1:]], 0))
     manifest["finished"] = now()
+    if preset.check and preset.engine in RESTARTING_ENGINES:
+        manifest["check"] = _post_check(result, inputs.audio, events)
     job.save(manifest)
     result.batches = _views(plan, engine, inputs, job, manifest, slots)
     result.telemetry = aggregate(p.get("telemetry") for p in parts)
     history.record(preset, result.telemetry)
+
+
+def _post_check(result: Result, audio: Path, events: Events) -> dict[str, Any]:
+    """`avatar check` on the published output: figures into the result, warnings shown."""
+    from avatarcli import check
+
+    try:
+        report = check.check(result.output, audio)
+    except AvatarError as exc:
+        message = f"{result.output}: could not be checked ({exc})"
+        events.warn(message)
+        result.warnings.append(message)
+        return {}
+    result.check = check.quick_figures(report)
+    for w in check.warnings(report):
+        events.warn(w)
+        result.warnings.append(w)
+    return report.to_dict()
 
 
 def _key(digests: dict[str, Any], preset: Preset, face: tuple[int, int, int, int] | None) -> str:
