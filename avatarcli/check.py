@@ -439,13 +439,14 @@ def check(video: Path, audio: Path | None = None, *,
         away = np.ones(n, bool)
         away[0] = False
         for s in seams:
-            away[max(0, s - 1):s + 2] = False
+            away[max(0, s - overlap - 1):s + 2] = False
         elsewhere = stats.coarse[away]
         p99 = float(np.percentile(elsewhere, 99)) / floor if elsewhere.size else 0.0
         jumps = []
         for s in seams:
-            # The largest change within one frame of the cut, so a blend cannot hide it.
-            near = [stats.coarse[k] for k in range(s - 1, s + 2) if 0 < k < n]
+            # The largest change from the overlap's start to one frame past the cut, so
+            # neither a blend nor a misplaced one can hide the jump.
+            near = [stats.coarse[k] for k in range(s - overlap - 1, s + 2) if 0 < k < n]
             jump = float(max(near)) if near else float("nan")
             jumps.append({"frame": s, "change": round(jump, 4),
                           "ratio": round(jump / floor, 3) if near else None})

@@ -25,7 +25,7 @@ from avatarcli.errors import AvatarError, InputError
 from avatarcli.ffmpeg import ffmpeg_exe
 from avatarcli.job import JobDir, JobLock, file_digest, job_key, now
 from avatarcli.options import NON_RENDERING_KEYS, RESTARTING_ENGINES, Preset
-from avatarcli.plan import Plan, make_plan
+from avatarcli.plan import Plan, lead_frames, make_plan, render_range
 from avatarcli.presets import ResolvedPreset, parse_size
 from avatarcli.runner import BatchResult, Executor, Hooks, Runner
 from avatarcli.telemetry import Telemetry, aggregate
@@ -258,8 +258,10 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
     plan = Plan.from_dict(manifest["plan"])
     parts = manifest["parts"]
 
+    overlap = preset.overlap_frames()
     reused = [p["index"] for p in parts if p["state"] == "done"
-              and is_whole(job.part(p["index"]), frames=plan.batches[p["index"]].frames,
+              and is_whole(job.part(p["index"]),
+                           frames=render_range(plan, p["index"], overlap).frames,
                            width=plan.width, height=plan.height, fps=plan.fps)]
     pending = [b.index for b in plan.batches if b.index not in reused]
     for i in pending:
@@ -288,9 +290,10 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
 
     # Join, mux the original audio once, verify, publish.
     assemble([job.part(b.index) for b in plan.batches], inputs.audio, result.output,
+             leads=[lead_frames(plan.batches, b.index, overlap) for b in plan.batches],
              audio_s=feats.duration_s, frames=plan.frames, width=plan.width,
              height=plan.height, fps=plan.fps, tag=f"{TAG_PREFIX}{key}",
-             seams=seam_tag([b.frame_start for b in plan.batches[1:]], 0))
+             seams=seam_tag([b.frame_start for b in plan.batches[1:]], overlap))
     manifest["finished"] = now()
     if preset.check and preset.engine in RESTARTING_ENGINES:
         manifest["check"] = _post_check(result, inputs.audio, events)
@@ -431,9 +434,11 @@ def _views(plan: Plan, engine: Engine, inputs: JobInputs, job: JobDir,
     parts = manifest.get("parts") or [{"state": "planned"}] * len(plan.batches)
     state = manifest.get("engine_state") or {}
     views = []
+    overlap = engine.preset.overlap_frames()
     for b in plan.batches:
-        # Batches take slots in turn when they run concurrently.
-        task = PartTask(inputs=inputs, batch=b, out=job.part(b.index), engine_state=state,
+        # Batches take slots in turn when they run concurrently; an overlap starts them earlier.
+        task = PartTask(inputs=inputs, batch=render_range(plan, b.index, overlap),
+                        out=job.part(b.index), engine_state=state,
                         env=slots[b.index % len(slots)])
         views.append(BatchView(b.index, b.frame_start, b.frame_end, b.start_s(plan.fps),
                                b.end_s(plan.fps), b.clips, parts[b.index]["state"],

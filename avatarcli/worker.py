@@ -21,7 +21,7 @@ from avatarcli import engines, presets
 from avatarcli.engines.base import JobInputs, PartTask
 from avatarcli.errors import AvatarError, OutOfMemoryError
 from avatarcli.job import JobDir
-from avatarcli.plan import Plan
+from avatarcli.plan import Plan, render_range
 from avatarcli.verify import check_video
 
 log = logging.getLogger("avatarcli.worker")
@@ -36,8 +36,9 @@ class Orphaned(Exception):
 
 
 def task_from_manifest(job: JobDir, manifest: dict, index: int,
-                       env: dict[str, str] | None = None) -> PartTask:
-    """The PartTask for batch `index`, built from the manifest alone."""
+                       env: dict[str, str] | None = None, overlap_frames: int = 0) -> PartTask:
+    """The PartTask for batch `index`, built from the manifest alone; with a seam overlap
+    the batch starts `overlap_frames` earlier (see plan.render_range)."""
     plan = Plan.from_dict(manifest["plan"])
     face = manifest.get("face")
     inputs = JobInputs(
@@ -47,7 +48,8 @@ def task_from_manifest(job: JobDir, manifest: dict, index: int,
         width=plan.width, height=plan.height, fps=plan.fps,
         face=(face[0], face[1], face[2], face[3]) if face else None,
     )
-    return PartTask(inputs=inputs, batch=plan.batches[index], out=job.temp_part(index),
+    return PartTask(inputs=inputs, batch=render_range(plan, index, overlap_frames),
+                    out=job.temp_part(index),
                     engine_state=manifest.get("engine_state", {}), env=env or {})
 
 
@@ -62,7 +64,7 @@ def render_part(job_dir: Path, index: int) -> None:
                  values["oom_retry"][rung - 1])
     preset = presets.build(values, f"{job.manifest_path} preset")
     env = json.loads(os.environ.get("AVATARCLI_SLOT_ENV", "{}"))
-    task = task_from_manifest(job, manifest, index, env)
+    task = task_from_manifest(job, manifest, index, env, preset.overlap_frames())
     engine = engines.create(preset)
     parent = os.getppid()
 

@@ -13,7 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+from avatarcli import check
+from avatarcli import media as m
 
 STANDIN = Path(__file__).resolve().parent / "standin_model.py"
 DRIFT_PX = 0.4  # per frame from the launch's start: 20 px after a 50-frame batch
@@ -62,3 +66,53 @@ def test_gen_checks_a_model_engines_video_and_keeps_the_figures(media: dict[str,
                 "--no-check", "--set", "seam_overlap=0")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["check"] == {}
+
+
+def test_overlap_crossfades_each_seam_and_keeps_sync_and_frames(media: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    out = tmp_path / "talk.mp4"
+    # No seam_overlap given: the command engine restarts each batch, so auto gives 8 frames.
+    run = gen(media["speech6"], media["portrait"], out, model_preset(tmp_path), "--keep-parts")
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["frames"] == 150 and summary["batches"] == 3
+    # Each part after the first holds 8 frames rendered before its boundary.
+    parts = sorted((tmp_path / "talk.mp4.parts" / "parts").glob("part-*.mp4"))
+    plan = summary["plan"]
+    assert [m.video_frames(p) for p in parts] == [
+        b["frame_end"] - b["frame_start"] + (8 if b["index"] else 0) for b in plan]
+    report = check.check(out)
+    seams = report.items["seams"].figures
+    assert seams["overlap_frames"] == 8
+    assert [s["frame"] for s in seams["seams"]] == [b["frame_start"] for b in plan[1:]]
+    # The bound: with a 0.4 px/frame drift (a 20 px jump back at each seam, over 20x the
+    # median change without an overlap), every change from the overlap's start to one frame
+    # past the seam stays within 4x the median frame-to-frame change.
+    assert seams["max_ratio"] <= 4.0, seams
+    assert report.ok, report.lines()
+    assert report.items["sync"].figures["lag_frames"] == 0
+    assert report.frames == 150 and m.video_frames(out) == 150
+    assert abs(m.audio_seconds(out) - 6.0) <= 0.04
+    assert summary["check"]["ok"] is True
+
+    # Resume: the parts (with their overlap) are whole, so nothing is rendered again.
+    out.unlink()
+    again = gen(media["speech6"], media["portrait"], out, model_preset(tmp_path))
+    assert again.returncode == 0, again.stderr
+    resumed = json.loads(again.stdout)
+    assert resumed["batches_reused"] == [0, 1, 2] and resumed["batches_rendered"] == []
+    assert m.video_frames(out) == 150
+
+
+def test_dry_run_shows_each_launch_starting_before_its_boundary(media: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    run = gen(media["speech6"], media["portrait"], tmp_path / "t.mp4", model_preset(
+        tmp_path, command={"template": ["echo", "{audio}", "{out}", "{start_s}", "{frames}"]}),
+        "--dry-run")
+    assert run.returncode == 0, run.stderr
+    plan = json.loads(run.stdout)["plan"]
+    for b in plan[1:]:
+        # The engine is handed the extended range: 8 frames (0.32 s) earlier, 8 more frames.
+        start_s, frames = b["command"].split()[-2:]
+        assert float(start_s) == pytest.approx(b["start_s"] - 0.32, abs=1e-3)
+        assert int(frames) == b["frame_end"] - b["frame_start"] + 8
