@@ -3,7 +3,7 @@ lip-sync offset and the jumps at the seams where parts were joined.
 
 One decoding pass at a small analysis size gives every per-frame figure: the change from the
 previous frame (frozen stretches, seams), the mean and spread of the luma (black or blank
-frames) and the mouth region's departure from its resting look (lip sync). The mouth signal is
+frames) and the mouth region's darkness, which grows as it opens (lip sync). The mouth signal is
 cross-correlated with the speech loudness per frame; the best lag is reported only when the
 evidence is clear, otherwise it is "unknown" (never a made-up 0). Nothing here needs metadata
 except the seam check, which reads the frame numbers `avatar gen` writes into the MP4.
@@ -125,7 +125,7 @@ class FrameStats:
     coarse: np.ndarray  # (N,) the same on a tiny copy (SEAM_SIDE): pose, not encoder noise
     luma: np.ndarray  # (N,) mean luma
     spread: np.ndarray  # (N,) luma standard deviation
-    mouth: np.ndarray  # (N,) mouth departure from rest; nan before the face was found
+    mouth: np.ndarray  # (N,) mouth opening (darkness); nan before the face was found
     face: tuple[float, float, float, float] | None  # in analysis pixels
     face_frame: int  # the frame the face was found in (-1: none)
     size: tuple[int, int]  # analysis (width, height)
@@ -215,15 +215,16 @@ def scan_frames(path: Path, width: int, height: int) -> FrameStats:
 
 
 def _mouth_signal(crops: list[np.ndarray | None]) -> np.ndarray:
-    """How far the mouth region departs from its resting look, per frame (nan: no face yet)."""
+    """How open the mouth is, per frame: the darkness of the mouth region (nan: no face yet).
+
+    An open mouth shows its dark inside. (Departure from a "resting" look was tried first:
+    which look is at rest is ambiguous in a video that talks most of the time, and on the
+    demo video it turned the signal upside down.)
+    """
     out = np.full(len(crops), np.nan)
-    have = [i for i, c in enumerate(crops) if c is not None]
-    if not have:
-        return out
-    stack = np.stack([crops[i] for i in have]).astype(np.float32)  # type: ignore[misc]
-    # Rest = the per-pixel median: the mouth is closed or nearly so most of the time.
-    rest = np.median(stack, axis=0)
-    out[have] = np.abs(stack - rest).mean(axis=(1, 2))
+    for i, crop in enumerate(crops):
+        if crop is not None:
+            out[i] = 255.0 - float(crop.mean())
     return out
 
 

@@ -174,3 +174,19 @@ def test_seam_tag_round_trip() -> None:
     assert check.parse_seam_tag(check.seam_tag([150, 300], 8)) == ([150, 300], 8)
     assert check.parse_seam_tag(check.seam_tag([], 0)) == ([], 0)
     assert check.parse_seam_tag("a home video") is None
+
+
+def test_a_render_that_talks_most_of_the_time_is_in_sync(media: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    # The demo's speech: three sentences with short pauses, the mouth open most of the time
+    # (a "resting look" taken as the median frame would be an open mouth here).
+    import make_demo
+
+    speech = make_demo.demo_speech(tmp_path / "demo.wav")
+    out = tmp_path / "demo.mp4"
+    resolved = presets.resolve(None, presets.parse_set(["size=256*256"]))
+    generate(speech, media["portrait"], resolved, output=out)
+    report = check.check(out)
+    sync = report.items["sync"].figures
+    assert sync["lag_frames"] == 0 and sync["corr"] >= 0.7, report.items["sync"].detail
+    assert report.ok, report.lines()
