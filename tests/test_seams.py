@@ -116,3 +116,18 @@ def test_dry_run_shows_each_launch_starting_before_its_boundary(media: dict[str,
         start_s, frames = b["command"].split()[-2:]
         assert float(start_s) == pytest.approx(b["start_s"] - 0.32, abs=1e-3)
         assert int(frames) == b["frame_end"] - b["frame_start"] + 8
+
+
+def test_batch_rows_carry_the_check_figures(media: dict[str, Path], tmp_path: Path) -> None:
+    rows = tmp_path / "rows.csv"
+    rows.write_text(f"audio,image,output\n{media['speech6']},{media['portrait']},a.mp4\n")
+    env = {**os.environ, "STANDIN_MODE": "talk", "STANDIN_DRIFT": str(DRIFT_PX)}
+    run = subprocess.run(
+        [sys.executable, "-m", "avatarcli", "batch", str(rows), "-p",
+         str(model_preset(tmp_path)), "--json"],
+        capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr
+    row = json.loads(run.stdout)["rows"][0]
+    assert row["status"] == "done"
+    assert row["check"]["ok"] is True and row["check"]["lag_frames"] == 0
+    assert row["check"]["seam_max_ratio"] <= 4.0
