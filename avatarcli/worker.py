@@ -67,12 +67,15 @@ def render_part(job_dir: Path, index: int) -> None:
     task = task_from_manifest(job, manifest, index, env, preset.overlap_frames())
     engine = engines.create(preset)
     parent = os.getppid()
+    # Progress counts the batch's planned frames; with a seam overlap the engine renders more.
+    planned = manifest["plan"]["batches"][index]
+    scale = (planned["frame_end"] - planned["frame_start"]) / task.batch.frames
 
     def progress(done: int) -> None:
         if os.getppid() != parent:
             raise Orphaned(f"parent process {parent} is gone")
         try:
-            print(f"progress {done}", flush=True)
+            print(f"progress {round(done * scale)}", flush=True)
         except BrokenPipeError:  # whoever read our progress is gone (a dead cluster worker)
             raise Orphaned("nobody reads this batch's progress any more") from None
 

@@ -131,3 +131,31 @@ def test_batch_rows_carry_the_check_figures(media: dict[str, Path], tmp_path: Pa
     assert row["status"] == "done"
     assert row["check"]["ok"] is True and row["check"]["lag_frames"] == 0
     assert row["check"]["seam_max_ratio"] <= 4.0
+
+
+def test_progress_counts_planned_frames_with_an_overlap(media: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+    from collections.abc import Iterator
+    from typing import Any
+
+    from avatarcli import presets
+    from avatarcli.pipeline import Events, generate
+
+    counted: list[int] = []
+
+    class Counting(Events):
+        @contextlib.contextmanager
+        def progress(self, total_frames: int, done_frames: int) -> Iterator[Any]:
+            class Bar:
+                def update(self, n: int) -> None:
+                    counted.append(n)
+
+            yield Bar()
+
+    monkeypatch.setenv("STANDIN_MODE", "talk")
+    resolved = presets.resolve(str(model_preset(tmp_path)), {})
+    result = generate(media["speech6"], media["portrait"], resolved, output=tmp_path / "t.mp4",
+                      events=Counting())
+    assert result.frames == 150 and len(result.batches) == 3
+    assert sum(counted) == 150  # not 166: the 2 x 8 overlap frames are not counted twice
