@@ -19,6 +19,7 @@ import yaml
 from avatarcli import check
 from avatarcli import media as m
 
+pytestmark = pytest.mark.slow
 STANDIN = Path(__file__).resolve().parent / "standin_model.py"
 DRIFT_PX = 0.4  # per frame from the launch's start: 20 px after a 50-frame batch
 
