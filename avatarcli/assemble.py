@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from avatarcli import ffmpeg, media
 from avatarcli.errors import InputError
 from avatarcli.verify import VerifyError, check_video
@@ -25,17 +27,67 @@ def _concat_line(path: Path) -> bytes:
     return b"file '" + os.fsencode(path.resolve()).replace(b"'", b"'\\''") + b"'\n"
 
 
+def crossfade(parts: list[Path], leads: list[int], out: Path, *, width: int, height: int,
+              fps: int, x264_preset: str = "veryfast", crf: int = 18) -> int:
+    """Join `parts` into one video (no audio), blending each overlap; returns frames written.
+
+    Part i starts with `leads[i]` frames that the previous part also covers (its last ones).
+    Over that overlap the picture fades linearly from the previous part to this one (weight
+    (j+1)/(lead+1) for overlap frame j), so a model restarted at each batch changes its look
+    gradually instead of at one cut; the overlap frames are written once.
+    """
+    if len(leads) != len(parts) or (leads and leads[0] != 0):
+        raise ValueError(f"leads {leads} do not fit {len(parts)} parts (the first has none)")
+    written = 0
+    held: list[np.ndarray] = []  # the previous part's last frames, waiting to be blended
+    with media.VideoWriter(out, width=width, height=height, fps=fps, preset=x264_preset,
+                           crf=crf, pix_fmt="yuv420p") as writer:
+        for i, part in enumerate(parts):
+            lead, hold = leads[i], (leads[i + 1] if i + 1 < len(parts) else 0)
+            pending: list[np.ndarray] = []
+            count = 0
+            for j, frame in enumerate(media.read_frames(part, width=width, height=height)):
+                if j < lead:
+                    w = (j + 1) / (lead + 1)
+                    mixed = held[j].astype(np.float32) * (1.0 - w) + frame * np.float32(w)
+                    frame = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+                pending.append(frame)
+                count += 1
+                if len(pending) > hold:
+                    writer.write(pending.pop(0)[None])
+                    written += 1
+            if count < lead + hold:
+                raise VerifyError(f"{part}: {count} frames, too few for an overlap of "
+                                  f"{lead} + {hold}")
+            held = pending
+    return written
+
+
 def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, frames: int,
-             width: int, height: int, fps: int, tag: str = "",
-             audio_bitrate: str = "192k", work_dir: Path | None = None,
-             overwrite: bool = False) -> None:
+             width: int, height: int, fps: int, tag: str = "", seams: str = "",
+             leads: list[int] | None = None, audio_bitrate: str = "192k",
+             work_dir: Path | None = None, overwrite: bool = False) -> None:
     """Concatenate `parts`, mux `audio` as AAC, verify, then atomically move to `output`.
 
-    Temporary files live in `work_dir` (the job folder, on the output's filesystem), so a
-    process killed mid-way leaves nothing beside the output. Without `overwrite`, a file
-    that appeared at `output` meanwhile is kept and InputError raised (the job stays).
+    With `leads` (frames each part repeats from the previous one), the parts are crossfaded
+    and re-encoded first; otherwise they are joined without re-encoding. `seams` goes into
+    the MP4's description: where parts join (`check.seam_tag`). Temporary files live in
+    `work_dir` (the job folder, on the output's filesystem), so a process killed mid-way
+    leaves nothing beside the output. Without `overwrite`, a file that appeared at `output`
+    meanwhile is kept and InputError raised (the job stays).
     """
     work = work_dir if work_dir is not None else output.parent
+    joined: Path | None = None
+    if leads and any(leads):
+        fd, joined_name = tempfile.mkstemp(prefix=".joined-", suffix=".mp4", dir=work)
+        os.close(fd)
+        joined = Path(joined_name)
+        try:
+            crossfade(parts, leads, joined, width=width, height=height, fps=fps)
+        except BaseException:
+            joined.unlink(missing_ok=True)
+            raise
+        parts = [joined]
     fd, list_name = tempfile.mkstemp(prefix=".concat-", suffix=".txt", dir=work)
     with os.fdopen(fd, "wb") as f:
         f.writelines(_concat_line(p) for p in parts)
@@ -49,6 +101,8 @@ def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, fr
             "-c:v", "copy", "-c:a", "aac", "-b:a", audio_bitrate,
             # Which job made this file: lets a batch rerun skip outputs that are done.
             *(["-metadata", f"comment={tag}"] if tag else []),
+            # Where the parts join, for `avatar check` to measure the jump at each.
+            *(["-metadata", f"description={seams}"] if seams else []),
             "-movflags", "+faststart", "-f", "mp4", str(tmp),
         ])
         try:
@@ -63,6 +117,9 @@ def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, fr
             tmp.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             os.unlink(list_name)
+        if joined is not None:
+            with contextlib.suppress(OSError):
+                joined.unlink(missing_ok=True)
 
 
 def publish(tmp: Path, output: Path, *, overwrite: bool) -> None:

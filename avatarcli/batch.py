@@ -59,6 +59,7 @@ class RowResult:
     reason: str = ""
     exit_code: int = 0
     seconds: float = 0.0
+    check: dict[str, Any] = field(default_factory=dict)  # `avatar check` figures, model engines
 
     def to_dict(self) -> dict[str, Any]:
         return vars(self).copy()
@@ -263,10 +264,11 @@ def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
         return RowResult(row.where, out, "failed", "output exists, made from other inputs or "
                          "settings (use --redo to render it again)", 2)
     try:
-        generate(row.audio, row.image, row.resolved, output=row.output, jobs=jobs, gpus=gpus,
-                 force=redo, keep_parts=keep_parts, events=events,
-                 executor=None if executor is None else executor.for_row(row.resolved.preset),
-                 pool=pool)
+        result = generate(row.audio, row.image, row.resolved, output=row.output, jobs=jobs,
+                          gpus=gpus, force=redo, keep_parts=keep_parts, events=events,
+                          executor=None if executor is None else executor.for_row(
+                              row.resolved.preset),
+                          pool=pool)
     except BusyError as exc:
         return RowResult(row.where, out, "busy", str(exc), exc.exit_code)
     except EnvironmentProblem:  # the machine (a full disk): every other row would fail too
@@ -275,7 +277,7 @@ def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
         if exc.exit_code >= 128:  # interrupted: stop the whole batch
             raise
         return RowResult(row.where, out, "failed", str(exc).splitlines()[0], exc.exit_code)
-    return RowResult(row.where, out, "done")
+    return RowResult(row.where, out, "done", check=result.check)
 
 
 def exit_code(results: list[RowResult]) -> int:

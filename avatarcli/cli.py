@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 
 from avatarcli import __version__, presets
+from avatarcli.check import Thresholds
 from avatarcli.errors import (
     AvatarError,
     EnvironmentProblem,
@@ -43,6 +44,7 @@ app.add_typer(presets_app, name="presets")
 log = logging.getLogger("avatarcli")
 EXIT_INTERNAL = 70  # EX_SOFTWARE: an error avatarcli did not expect
 F = TypeVar("F", bound=Callable[..., Any])
+_CHECK = Thresholds()  # `avatar check` option defaults
 
 
 def _printable(text: str) -> str:
@@ -248,6 +250,15 @@ def _parse_face(value: str | None) -> tuple[int, int, int, int] | None:
     return x, y, w, h
 
 
+def _check_line(figures: dict[str, Any]) -> str:
+    lag = figures.get("lag_frames")
+    sync = (f"lag {lag:+d} frame(s), correlation {figures.get('sync_corr')}" if lag is not None
+            else f"lag unknown ({figures.get('sync_reason')})")
+    verdict = "all checks hold" if figures.get("ok") else f"failed: {', '.join(figures['failed'])}"
+    return (f"{verdict}; {sync}; largest seam jump {figures.get('seam_max_ratio')}x the median "
+            f"change; longest frozen run {figures.get('frozen_longest_frames')} frames")
+
+
 def _print_plan(result: Result) -> None:
     _echo(f"plan: {result.duration_s:.2f} s of audio -> {result.frames} frames at "
                f"{result.fps} fps, {result.width}x{result.height}, preset {result.preset} "
@@ -277,6 +288,8 @@ GpusOpt = Annotated[str | None, typer.Option("--gpus", metavar="IDS",
 KeepParts = Annotated[bool, typer.Option("--keep-parts", help="Keep the job directory after success.")]
 ExecutorOpt = Annotated[str, typer.Option("--executor", metavar="local|ray",
                                           help="Where batch processes run: this machine, or a Ray cluster.")]
+NoCheck = Annotated[bool, typer.Option("--no-check",
+                                       help="Do not run avatar check on the finished video (model engines).")]
 RayAddress = Annotated[str, typer.Option("--ray-address", metavar="ADDRESS",
                                          help="Ray cluster: auto, ray://host:port, or local (an in-process cluster).")]
 
@@ -339,6 +352,7 @@ def gen(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; render nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output; discard a mismatching or damaged job.")] = False,
     keep_parts: KeepParts = False,
+    no_check: NoCheck = False,
     executor: ExecutorOpt = "local",
     ray_address: RayAddress = "auto",
     quiet: Quiet = False,
@@ -349,7 +363,8 @@ def gen(
     """Render AUDIO spoken by the face in IMAGE into one verified MP4 (resumable)."""
     _setup_logging(verbose, quiet or as_json, log_file)
     _install_signal_handlers()
-    resolved = presets.resolve(_preset_ref(preset, gpus), presets.parse_set(set_ or []),
+    set_ = [*(set_ or []), *(["check=false"] if no_check else [])]
+    resolved = presets.resolve(_preset_ref(preset, gpus), presets.parse_set(set_),
                                prompt=prompt)
     events = CliEvents(bar=_show_bar(quiet or as_json), quiet=quiet or as_json)
     out_dir = (output or audio).expanduser().absolute().parent
@@ -378,6 +393,8 @@ def gen(
                        f"(lighter settings from the preset's oom_retry)")
         if result.telemetry.get("summary"):
             _echo(f"batches: {result.telemetry['summary']}")
+        if result.check:
+            _echo(f"check: {_check_line(result.check)}")
     if not dry_run:
         log.debug("done", extra={"fields": {"event": "job", "status": "done",
                                             **result.summary()}})
@@ -394,6 +411,7 @@ def batch_cmd(
     jobs: JobsOpt = 1,
     gpus: GpusOpt = None,
     keep_parts: KeepParts = False,
+    no_check: NoCheck = False,
     executor: ExecutorOpt = "local",
     ray_address: RayAddress = "auto",
     rows_at_once: Annotated[int, typer.Option("--rows", min=1, max=256,
@@ -412,6 +430,8 @@ def batch_cmd(
     _install_signal_handlers()
     rows = batch.load_manifest(manifest)
     preset = _preset_ref(preset, gpus)
+    if no_check:
+        set_ = [*(set_ or []), "check=false"]
     if preset or set_:  # a wrong -p or --set is a usage error, not a failure of every row
         presets.resolve(preset, presets.parse_set(set_ or []))
     for problem in batch.validate(rows, preset=preset, overrides=set_ or []):
@@ -443,6 +463,8 @@ def batch_cmd(
             # One summary line per job on stderr (failures even with --quiet), and the log file.
             detail = f" ({r.reason})" if r.reason else ""
             line = f"{r.status}: {r.output}{detail} in {r.seconds:.1f} s"
+            if r.check:
+                line += f"; check: {_check_line(r.check)}"
             if r.status in ("failed", "busy") or not quiet:
                 _err(line)
             log.debug("%s", line, extra={"fields": {"event": "row", **r.to_dict()}})
@@ -467,6 +489,57 @@ def batch_cmd(
     code = batch.exit_code(results)
     if code:
         raise typer.Exit(code)
+
+
+@app.command("check")
+@handle_errors
+def check_cmd(
+    video: Annotated[Path, typer.Argument(metavar="VIDEO", help="The video to check (any MP4 or other video ffmpeg reads).")],
+    audio: Annotated[Path | None, typer.Argument(metavar="[AUDIO]",
+                                                 help="The speech it must match [default: the video's own audio track].")] = None,
+    max_offset: Annotated[int, typer.Option("--max-offset", min=0, max=50, metavar="FRAMES",
+                                            help="Largest lip-sync offset that passes.")] = _CHECK.max_offset_frames,
+    max_lag: Annotated[int, typer.Option("--max-lag", min=2, max=50, metavar="FRAMES",
+                                         help="Lags searched either way.")] = _CHECK.max_lag_frames,
+    min_corr: Annotated[float, typer.Option("--min-corr", min=0.0, max=1.0,
+                                            help="Weaker best correlation: the lag is unknown.")] = _CHECK.min_sync_corr,
+    require_sync: Annotated[bool, typer.Option("--require-sync", help="Fail when the lag is unknown (no face, weak evidence).")] = _CHECK.require_sync,
+    max_frozen: Annotated[float, typer.Option("--max-frozen", min=0.0, metavar="SECONDS",
+                                              help="Longest run of unchanged frames that passes.")] = _CHECK.max_frozen_s,
+    frozen_diff: Annotated[float, typer.Option("--frozen-diff", min=0.0, max=255.0,
+                                               help="Mean change (0-255) at or below which frames count as identical.")] = _CHECK.frozen_diff,
+    black_luma: Annotated[float, typer.Option("--black-luma", min=0.0, max=255.0,
+                                              help="Mean luma below which a frame is black.")] = _CHECK.black_luma,
+    blank_std: Annotated[float, typer.Option("--blank-std", min=0.0, max=128.0,
+                                             help="Luma spread below which a frame is blank.")] = _CHECK.blank_std,
+    max_black: Annotated[int, typer.Option("--max-black", min=0, metavar="FRAMES",
+                                           help="Black or blank frames allowed.")] = _CHECK.max_black_frames,
+    max_seam: Annotated[float, typer.Option("--max-seam", min=0.0, metavar="RATIO",
+                                            help="Largest change across a seam, x the median change.")] = _CHECK.max_seam_ratio,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every figure as JSON on stdout.")] = False,
+) -> None:
+    """Check a finished video: streams, length, frozen or black frames, lip sync, seams.
+
+    Exits 0 when every check holds, 5 when one fails.
+    """
+    from avatarcli import check
+
+    _setup_logging(False, True)
+    thresholds = Thresholds(
+        max_offset_frames=max_offset, max_lag_frames=max_lag, min_sync_corr=min_corr,
+        require_sync=require_sync, max_frozen_s=max_frozen, frozen_diff=frozen_diff,
+        black_luma=black_luma, blank_std=blank_std, max_black_frames=max_black,
+        max_seam_ratio=max_seam)
+    report = check.check(video, audio, thresholds=thresholds)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        typer.echo(f"{report.video}: {report.frames} frames at {report.fps:g} fps")
+        for line in report.lines():
+            typer.echo(f"  {line}")
+        typer.echo("all checks hold" if report.ok else f"failed: {', '.join(report.failed)}")
+    if not report.ok:
+        raise typer.Exit(check.EXIT_FAILED)
 
 
 @app.command("doctor")

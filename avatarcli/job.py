@@ -227,7 +227,7 @@ class JobDir:
 
     def remove_temporaries(self) -> None:
         """Temporary files of an assembly that was killed (they are as big as the video)."""
-        for pattern in (".output.*.tmp.mp4", ".concat-*.txt"):
+        for pattern in (".output.*.tmp.mp4", ".concat-*.txt", ".joined-*.mp4"):
             for stale in self.path.glob(pattern):
                 stale.unlink(missing_ok=True)
 

@@ -305,3 +305,24 @@ def normalise(src: Path, dst: Path, *, frames: int, width: int, height: int, fps
         .get_args()
     )
     ffmpeg.run(args)
+
+
+def read_frames(path: Path, *, width: int, height: int) -> Iterator[np.ndarray]:
+    """Decode the first video stream as yuv420p planes, one (H*3/2, W) uint8 array per frame
+    (the layout VideoWriter takes with pix_fmt="yuv420p")."""
+    args = ["-v", "error", "-i", str(path), "-map", "0:v:0", "-f", "rawvideo",
+            "-pix_fmt", "yuv420p", "-s", f"{width}x{height}", "pipe:"]
+    proc = ffmpeg.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    size = width * height * 3 // 2
+    try:
+        while len(data := proc.stdout.read(size)) == size:
+            yield np.frombuffer(data, np.uint8).reshape(height * 3 // 2, width)
+        err = proc.stderr.read().decode("utf-8", "replace")
+        if proc.wait() != 0:
+            raise ffmpeg.FFmpegError(f"ffmpeg could not decode {path}: {ffmpeg.tail(err, 1)}",
+                                     ffmpeg.tail(err))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -22,6 +22,10 @@ def knob(default: Any, *, bounds: tuple[float, float] | None = None,
 
 
 ENGINES = ("builtin", "liveavatar", "command")
+# Engines that start every batch afresh from the portrait (a model's state does not carry over
+# from one launch to the next): their seams need an overlap, and `gen` checks their output.
+RESTARTING_ENGINES = ("liveavatar", "command")
+SEAM_OVERLAP_AUTO = 8  # frames (0.32 s at 25 fps): boundaries sit in pauses, so this is short
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,12 @@ class Preset:
     # a time, each adding to the ones before: e.g. [{liveavatar.offload_kv_cache: true},
     # {infer_frames: 24}]. Only the failing batch is retried.
     oom_retry: list[dict[str, Any]] = knob([], help="out-of-memory retry ladder")
+    # Frames each batch after the first also renders before its boundary; assembly crossfades
+    # them with the end of the previous part, so an engine that restarts at every batch does
+    # not jump there. -1: auto (SEAM_OVERLAP_AUTO for engines that restart, 0 for builtin).
+    seam_overlap: int = knob(-1, bounds=(-1, 240), help="frames crossfaded at each seam, -1 auto")
+    # Run `avatar check` on each finished video of a model engine and keep its figures.
+    check: bool = knob(True, help="check finished videos of model engines")
     builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
     liveavatar: LiveAvatarOptions = field(default_factory=LiveAvatarOptions)
     command: CommandOptions = field(default_factory=CommandOptions)
@@ -150,6 +160,12 @@ class Preset:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def overlap_frames(self) -> int:
+        """`seam_overlap` with auto resolved for the engine."""
+        if self.seam_overlap >= 0:
+            return self.seam_overlap
+        return SEAM_OVERLAP_AUTO if self.engine in RESTARTING_ENGINES else 0
 
 
 SECTIONS: dict[str, type] = {
@@ -160,10 +176,11 @@ SECTIONS: dict[str, type] = {
 }
 
 # Keys whose change does not change a single rendered pixel: a job survives them.
-NON_RENDERING_KEYS = frozenset({"description", "cooldown_s", "batch_timeout_s", "worker"})
+NON_RENDERING_KEYS = frozenset({"description", "cooldown_s", "batch_timeout_s", "worker",
+                                "check"})
 # Keys a retry rung may change: per-launch settings, never the plan or the output's identity.
 RUNG_FORBIDDEN_KEYS = frozenset({"engine", "fps", "seed", "clips_per_batch", "oom_retry",
-                                 "description", "cooldown_s"})
+                                 "description", "cooldown_s", "seam_overlap", "check"})
 
 # Upstream LiveAvatar facts the presets are checked against (see liveavatar-contract.md).
 LIVEAVATAR_SIZES = ("720*1280", "1280*720", "480*832", "832*480", "704*1280", "1280*704",

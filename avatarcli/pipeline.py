@@ -19,12 +19,13 @@ import numpy as np
 
 from avatarcli import analysis, engines, history, media, portrait, presets
 from avatarcli.assemble import assemble
+from avatarcli.check import seam_tag
 from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, InputError
 from avatarcli.ffmpeg import ffmpeg_exe
 from avatarcli.job import JobDir, JobLock, file_digest, job_key, now, part_digest
-from avatarcli.options import NON_RENDERING_KEYS, Preset
-from avatarcli.plan import Plan, make_plan
+from avatarcli.options import NON_RENDERING_KEYS, RESTARTING_ENGINES, Preset
+from avatarcli.plan import Plan, lead_frames, make_plan, render_range
 from avatarcli.presets import ResolvedPreset, parse_size
 from avatarcli.resident import ResidentPool
 from avatarcli.runner import BatchResult, Executor, Hooks, Resident, Runner, batch_timeout_s
@@ -91,6 +92,7 @@ class Result:
     # Resident workers: id, pid, load_s, render_s, batches, why each ended (a dry run: the
     # batches each worker will take).
     workers: list[dict[str, Any]] = field(default_factory=list)
+    check: dict[str, Any] = field(default_factory=dict)  # `avatar check` figures (model engines)
 
     def summary(self) -> dict[str, Any]:
         """The machine-readable summary printed by `--json`."""
@@ -102,7 +104,7 @@ class Result:
             "batches": len(self.batches), "batches_rendered": self.rendered,
             "batches_reused": self.reused, "seconds": round(self.seconds, 2),
             "dry_run": self.dry_run, "warnings": self.warnings,
-            "telemetry": self.telemetry,
+            "telemetry": self.telemetry, "check": self.check,
             "workers": self.workers,
             "plan": [vars(b) for b in self.batches],
         }
@@ -363,9 +365,11 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
 
     # A part is reused only if it is the very file that was verified (its content hash):
     # another valid video of the same length and size put in its place is rendered again.
+    overlap = preset.overlap_frames()
     reused = [p["index"] for p in parts if p["state"] == "done"
               and part_digest(job.part(p["index"])) == p.get("sha256")
-              and is_whole(job.part(p["index"]), frames=plan.batches[p["index"]].frames,
+              and is_whole(job.part(p["index"]),
+                           frames=render_range(plan, p["index"], overlap).frames,
                            width=plan.width, height=plan.height, fps=plan.fps)]
     pending = [b.index for b in plan.batches if b.index not in reused]
     for i in pending:
@@ -403,14 +407,17 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
     # Join, mux the original audio once, verify, publish.
     job.remove_temporaries()  # of an assembly killed in an earlier run
     assemble([job.part(b.index) for b in plan.batches], job.audio, result.output,
+             leads=[lead_frames(plan.batches, b.index, overlap) for b in plan.batches],
              audio_s=feats.duration_s, frames=plan.frames, width=plan.width,
              height=plan.height, fps=plan.fps, tag=f"{TAG_PREFIX}{key}", work_dir=job.path,
-             overwrite=force)
+             overwrite=force, seams=seam_tag([b.frame_start for b in plan.batches[1:]], overlap))
     manifest["finished"] = now()
     if pool is not None:
         manifest["workers"] = pool.records(job.path)
         result.workers = [{k: w[k] for k in ("id", "pid", "load_s", "render_s", "ended")}
                           | {"batches": len(w["batches"])} for w in manifest["workers"]]
+    if preset.check and preset.engine in RESTARTING_ENGINES:
+        manifest["check"] = _post_check(result, inputs.audio, events)
     job.save(manifest)
     result.batches = _views(plan, engine, inputs, job, manifest, slots)
     result.telemetry = aggregate(p.get("telemetry") for p in parts)
@@ -419,6 +426,24 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
 
 def _rendering(preset: Preset) -> dict[str, Any]:
     return {k: v for k, v in preset.to_dict().items() if k not in NON_RENDERING_KEYS}
+
+
+def _post_check(result: Result, audio: Path, events: Events) -> dict[str, Any]:
+    """`avatar check` on the published output: figures into the result, warnings shown."""
+    from avatarcli import check
+
+    try:
+        report = check.check(result.output, audio)
+    except AvatarError as exc:
+        message = f"{result.output}: could not be checked ({exc})"
+        events.warn(message)
+        result.warnings.append(message)
+        return {}
+    result.check = check.quick_figures(report)
+    for w in check.warnings(report):
+        events.warn(w)
+        result.warnings.append(w)
+    return report.to_dict()
 
 
 def _key(digests: dict[str, Any], preset: Preset, face: tuple[int, int, int, int] | None) -> str:
@@ -570,9 +595,11 @@ def _views(plan: Plan, engine: Engine, inputs: JobInputs, job: JobDir,
     parts = manifest.get("parts") or [{"state": "planned"}] * len(plan.batches)
     state = manifest.get("engine_state") or {}
     views = []
+    overlap = engine.preset.overlap_frames()
     for b in plan.batches:
-        # Batches take slots in turn when they run concurrently.
-        task = PartTask(inputs=inputs, batch=b, out=job.part(b.index), engine_state=state,
+        # Batches take slots in turn when they run concurrently; an overlap starts them earlier.
+        task = PartTask(inputs=inputs, batch=render_range(plan, b.index, overlap),
+                        out=job.part(b.index), engine_state=state,
                         env=slots[b.index % len(slots)])
         views.append(BatchView(b.index, b.frame_start, b.frame_end, b.start_s(plan.fps),
                                b.end_s(plan.fps), b.clips, parts[b.index]["state"],

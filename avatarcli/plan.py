@@ -135,6 +135,29 @@ def check_cover(batches: Sequence[Batch], frames: int) -> None:
     assert pos == frames, f"batches cover {pos} frames of {frames}"
 
 
+def lead_frames(batches: Sequence[Batch], index: int, overlap_frames: int) -> int:
+    """Frames batch `index` renders before its own first frame (the seam overlap): none for
+    the first batch, and never more than the previous batch holds."""
+    if index == 0 or overlap_frames <= 0:
+        return 0
+    return min(overlap_frames, batches[index - 1].frames)
+
+
+def render_range(plan: Plan, index: int, overlap_frames: int) -> Batch:
+    """What the engine renders for batch `index`: the batch, started `lead_frames` earlier.
+
+    The part keeps those leading frames; assembly crossfades them with the end of the
+    previous part, so the joined video still has exactly `plan.frames` frames.
+    """
+    b = plan.batches[index]
+    lead = lead_frames(plan.batches, index, overlap_frames)
+    if lead == 0:
+        return b
+    start = b.frame_start - lead
+    assert start >= 0, f"batch {index} would start at frame {start}"
+    return Batch(b.index, start, b.frame_end, math.ceil((b.frame_end - start) / plan.infer_frames))
+
+
 def make_plan(frames: int, *, fps: int, width: int, height: int, infer_frames: int,
               clips_per_batch: int, loudness_db: np.ndarray | None = None) -> Plan:
     batches = plan_batches(frames, infer_frames=infer_frames, clips_per_batch=clips_per_batch,

@@ -30,7 +30,7 @@ from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, EnvironmentProblem, OutOfMemoryError, from_os_error
 from avatarcli.job import JobDir
 from avatarcli.options import Preset
-from avatarcli.plan import Plan
+from avatarcli.plan import Plan, render_range
 from avatarcli.verify import check_video
 
 log = logging.getLogger("avatarcli.worker")
@@ -46,8 +46,9 @@ class Orphaned(Exception):
 
 
 def task_from_manifest(job: JobDir, manifest: dict, index: int,
-                       env: dict[str, str] | None = None) -> PartTask:
-    """The PartTask for batch `index`, built from the manifest alone."""
+                       env: dict[str, str] | None = None, overlap_frames: int = 0) -> PartTask:
+    """The PartTask for batch `index`, built from the manifest alone; with a seam overlap
+    the batch starts `overlap_frames` earlier (see plan.render_range)."""
     plan = Plan.from_dict(manifest["plan"])
     face = manifest.get("face")
     inputs = JobInputs(
@@ -58,7 +59,8 @@ def task_from_manifest(job: JobDir, manifest: dict, index: int,
         width=plan.width, height=plan.height, fps=plan.fps,
         face=(face[0], face[1], face[2], face[3]) if face else None,
     )
-    return PartTask(inputs=inputs, batch=plan.batches[index], out=job.temp_part(index),
+    return PartTask(inputs=inputs, batch=render_range(plan, index, overlap_frames),
+                    out=job.temp_part(index),
                     engine_state=manifest.get("engine_state", {}), env=env or {})
 
 
@@ -73,7 +75,7 @@ def load_task(job_dir: Path, index: int, rung: int,
         log.info("batch %d: out-of-memory retry rung %d: %s", index, rung,
                  values["oom_retry"][rung - 1])
     preset = presets.build(values, f"{job.manifest_path} preset")
-    return job, preset, task_from_manifest(job, manifest, index, env)
+    return job, preset, task_from_manifest(job, manifest, index, env, preset.overlap_frames())
 
 
 def render_part(job_dir: Path, index: int) -> None:
@@ -91,12 +93,15 @@ def render_with(engine: Engine, job: JobDir, task: PartTask) -> None:
     """Render, verify and publish one part with `engine`."""
     index = task.batch.index
     parent = os.getppid()
+    # Progress counts the batch's planned frames; with a seam overlap the engine renders more.
+    planned = job.load()["plan"]["batches"][index]
+    scale = (planned["frame_end"] - planned["frame_start"]) / task.batch.frames
 
     def progress(done: int) -> None:
         if os.getppid() != parent:
             raise Orphaned(f"parent process {parent} is gone")
         try:
-            print(f"progress {done}", flush=True)
+            print(f"progress {round(done * scale)}", flush=True)
         except BrokenPipeError:  # whoever read our progress is gone (a dead cluster worker)
             raise Orphaned("nobody reads this batch's progress any more") from None
 
