@@ -71,7 +71,9 @@ def test_stamps_show_each_frame_came_from_its_own_batch_frame_and_sound(
     original recording at that frame's own time (a slice given late or early, parts joined out
     of order or a wrong re-timing all fail here)."""
     out = tmp_path / "t.mp4"
-    run = gen(media["speech6"], media["portrait"], out, preset_file(tmp_path, fps=30))
+    # No seam overlap: its crossfaded frames blend two batches' stamps (tests/test_seams.py).
+    run = gen(media["speech6"], media["portrait"], out,
+              preset_file(tmp_path, fps=30, seam_overlap=0))
     assert run.returncode == 0, run.stderr
     plan = json.loads(run.stdout)["plan"]
     assert len(plan) == 2

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -231,9 +232,10 @@ def test_a_mixed_manifest_asks_each_rows_own_resources(tmp_path: Path,
 
     asked: list[tuple[str, Any]] = []
 
-    def fake_generate(audio: Path, image: Path, resolved: Any, **kw: Any) -> None:
+    def fake_generate(audio: Path, image: Path, resolved: Any, **kw: Any) -> Any:
         opts = kw["executor"].task_options()
         asked.append((resolved.preset.engine, (opts["num_cpus"], opts["num_gpus"])))
+        return types.SimpleNamespace(check={})
 
     monkeypatch.setattr(batch, "generate", fake_generate)
     rows = [batch.Row(f"m.csv:{i}", tmp_path / "a.wav", tmp_path / "p.png",
