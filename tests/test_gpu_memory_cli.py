@@ -75,7 +75,9 @@ def test_plan_needs_a_card_size_without_gpus(monkeypatch: pytest.MonkeyPatch) ->
     (0, 0, (9, 0), "cpu-preview"),
     (1, 80, (9, 0), "liveavatar-80gb"),
     (5, 80, (9, 0), "liveavatar-5x80gb"),
-    (1, 24, (8, 6), "cpu-preview"),
+    (1, 24, (8, 6), "liveavatar-24gb"),  # the resident worker's levers, no fp8 needed
+    (1, 32, (12, 0), "liveavatar-32gb"),
+    (1, 16, (8, 6), "cpu-preview"),
 ])
 def test_auto_preset_picks_what_fits(media: dict[str, Path], tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch, n: int, gb: float,
