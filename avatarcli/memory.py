@@ -389,16 +389,19 @@ def vae_decode_gb(width: int, height: int, infer_frames: int) -> float:
 
 
 def per_layer_estimate(preset: Preset, layers: int, *, width: int | None = None,
-                       height: int | None = None) -> dict[str, float]:
+                       height: int | None = None, resident: int | None = None,
+                       storage: str = "bf16", prefetch: int = 1) -> dict[str, float]:
     """What `layers` DiT blocks need in one denoising step on one GPU (GiB), for a benchmark on
-    a few layers: bf16 weights, one per-step KV cache + cond cache, the text cross-attention
+    a few layers: weights, one per-step KV cache + cond cache, the text cross-attention
     cache, and one block's activations (transient, so not scaled by `layers`). No CUDA context:
-    compare with torch.cuda.max_memory_allocated()."""
+    compare with torch.cuda.max_memory_allocated(). With `resident` (block swap over the
+    slice): resident blocks plus the swap slots, in `storage`."""
     w, h = _frame_size(preset, width, height)
     multi = preset.liveavatar.gpus_per_run == GPUS_MULTI
     cond_slots = COND_CACHE_TOKENS_MULTI if multi else COND_CACHE_TOKENS_SINGLE
+    on_gpu = layers if resident is None else resident + min(layers - resident, prefetch + 1)
     return {
-        "weights": layers * dit_block_params() * BF16_BYTES / GIB,
+        "weights": on_gpu * block_gb(storage),
         "kv_cache": kv_cache_gb(kv_tokens(preset.infer_frames, w, h) + cond_slots, layers),
         "cross_attn_cache": kv_cache_gb(TEXT_TOKENS, layers),
         "activations": activations_gb(w, h, preset.infer_frames),
