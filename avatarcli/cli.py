@@ -218,7 +218,7 @@ def _preset_ref(preset: str | None, gpus: str | None) -> str | None:
     if gpus:
         wanted = gpu_info.parse_list(gpus)
         facts = [f for f in facts if f.index in wanted]
-    name, why = fit.auto_preset(facts)
+    name, why = fit.auto_preset(facts, gpu_info.host_memory_gb())
     _err(f"preset auto: {name} ({why})")
     return name
 

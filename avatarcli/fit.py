@@ -98,8 +98,10 @@ def smallest_card_gb(facts: list[GpuFact]) -> float | None:
     return min(sizes) if sizes else None
 
 
-def auto_preset(facts: list[GpuFact]) -> tuple[str, str]:
-    """(name, why) of the best-quality built-in preset whose estimate fits the visible GPUs."""
+def auto_preset(facts: list[GpuFact], host_mem_gb: float | None = None) -> tuple[str, str]:
+    """(name, why) of the best-quality built-in preset whose estimate fits the visible GPUs
+    and, when `host_mem_gb` is known, the host RAM (the lever presets load the DiT in host
+    memory). The why gives the planner's expected throughput (memory.step_cost)."""
     mem = smallest_card_gb(facts)
     if not facts or mem is None:
         return CPU_PRESET, "no GPU visible: the built-in CPU engine"
@@ -111,6 +113,9 @@ def auto_preset(facts: list[GpuFact]) -> tuple[str, str]:
             continue
         p = presets.resolve(name).preset
         if p.engine == "liveavatar" and (fp8_ok or not p.liveavatar.fp8):
+            if host_mem_gb is not None and p.liveavatar.gpus_per_run == 1 and not (
+                    memory.host_estimate(p, total_gb=host_mem_gb).fits):
+                continue
             candidates[name] = p
     found = memory.best_fit(candidates, gpus=len(facts), gpu_mem_gb=mem)
     where = f"{len(facts)} x {facts[0].name} ({mem:.0f} GB)"
@@ -119,8 +124,13 @@ def auto_preset(facts: list[GpuFact]) -> tuple[str, str]:
                             f"{'' if fp8_ok else ', fp8 needs compute capability 8.9+'}: "
                             f"the built-in CPU engine")
     name, est = found
+    speed = ""
+    if est.cost is not None:
+        speed = (f", ~{est.cost.fps:.1f} frames/s per GPU estimated; `avatar plan -p {name} "
+                 f"--fit` tunes its levers to this card")
     return name, (f"best-quality built-in preset that fits {where}: peak "
-                  f"{est.per_gpu_peak_gb:.1f} GB of {est.usable_gb:.1f} GB usable per GPU")
+                  f"{est.per_gpu_peak_gb:.1f} GB of {est.usable_gb:.1f} GB usable per GPU"
+                  f"{speed}")
 
 
 # Quality baseline of `avatar plan --fit` when the preset is not a LiveAvatar one.

@@ -83,6 +83,7 @@ def test_auto_preset_picks_what_fits(media: dict[str, Path], tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch, n: int, gb: float,
                                      cc: tuple[int, int], expected: str) -> None:
     fake_gpus(monkeypatch, n, gb, cc)
+    monkeypatch.setenv("AVATARCLI_HOST_MEM_GB", "256")  # a GPU server's RAM
     result = runner.invoke(app, ["gen", str(media["speech6"]), str(media["portrait"]),
                                  "-o", str(tmp_path / "x.mp4"), "-p", "auto", "--dry-run",
                                  "--json"])
@@ -116,3 +117,16 @@ def test_telemetry_is_recorded_per_batch(media: dict[str, Path], tmp_path: Path)
     assert "GPU n/a" in summary["telemetry"]["summary"]
     manifest = json.loads((tmp_path / "t.mp4.parts" / "manifest.json").read_text())
     assert all(p["telemetry"]["peak_rss_mb"] for p in manifest["parts"])
+
+
+def test_auto_preset_needs_the_host_ram_of_its_levers(media: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpus(monkeypatch, 1, 24, (8, 6))
+    monkeypatch.setenv("AVATARCLI_HOST_MEM_GB", "32")  # the 24 GB preset loads in ~48 GB
+    result = runner.invoke(app, ["gen", str(media["speech6"]), str(media["portrait"]),
+                                 "-o", str(tmp_path / "x.mp4"), "-p", "auto", "--dry-run"])
+    assert "preset auto: cpu-preview (" in result.output
+    monkeypatch.setenv("AVATARCLI_HOST_MEM_GB", "64")
+    result = runner.invoke(app, ["gen", str(media["speech6"]), str(media["portrait"]),
+                                 "-o", str(tmp_path / "x.mp4"), "-p", "auto", "--dry-run"])
+    assert "preset auto: liveavatar-24gb (" in result.output and "frames/s per GPU" in result.output
