@@ -238,3 +238,22 @@ def test_dit_loaded_on_host_drops_the_device_map() -> None:
     assert Model.from_pretrained("ckpt", device_map="cuda:0") == (Model, "cuda:0")
     assert "from_pretrained" not in Model.__dict__
     assert calls == [None, "cuda:0"]
+
+
+def test_apply_levers_from_the_preset_keys_on_the_standin_pipeline() -> None:
+    reference = _run(make_dit())
+    pipe = StandinPipe(make_dit())
+    handle = lv.apply_levers(pipe, resident_blocks=2, weight_storage="bf16", prefetch_blocks=1,
+                             offload_kv_cache=True, encoders="cpu", device=CPU)
+    assert handle is not None and len(handle.swapped) == LAYERS - 2
+    assert pipe.offload_kv_cache and pipe.t5_cpu
+    seen = _probe(pipe.noise_model, handle)
+    latents, context = _inputs()
+    with torch.no_grad():
+        out = pipe.generate(latents, context, 3)
+    assert torch.equal(out, reference)
+    assert seen and all(p.count("device") <= 2 + 2 for _, p in seen)
+    plain = StandinPipe(make_dit())
+    assert lv.apply_levers(plain, device=CPU) is None and not plain.offload_kv_cache
+    with pytest.raises(ValueError):
+        lv.apply_levers(plain, encoders="disk", device=CPU)

@@ -35,6 +35,15 @@ API (all placement is explicit; "device" may be a CPU device, then streams are n
   buffers (reused across generate calls) and move with non_blocking copies.
 - `encoders_on_cpu(pipe, *, text=True, audio=True)`: T5 through upstream's own `t5_cpu`; the
   wav2vec2 model ignores the device in later `.to()` calls (it stays on the CPU; dtype kept).
+- `apply_levers(pipe, *, resident_blocks, weight_storage, prefetch_blocks, offload_kv_cache,
+  encoders, device=None) -> BlockSwap | None`: all of the above from the preset's
+  `liveavatar.*` keys of the same names, on a built `WanS2V`.
+
+Order in the adapter: build `WanS2V(...)` inside `with dit_loaded_on_host(CausalWanModel_S2V):`
+(and with `init_on_cpu=True`, upstream's default); attach and merge the LoRA as upstream's script
+does (on the host); with `fp8: true` run upstream's `replace_linear_with_scaled_fp8` (on the
+host); then `apply_levers(pipe, ...)`; then `generate` per batch. Upstream's own
+`noise_model.to(device)` calls in generate() then move only the root and the resident blocks.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FP8_SKIP", "STORAGES", "BlockSwap", "QuantLinear", "apply_block_swap",
+__all__ = ["FP8_SKIP", "STORAGES", "BlockSwap", "QuantLinear", "apply_block_swap", "apply_levers",
            "dequantise", "dit_loaded_on_host", "encoders_on_cpu", "place_dit", "place_kv_caches",
            "quantise", "quantise_linears", "swapped_indices"]
 
@@ -397,6 +406,7 @@ def place_kv_caches(pipe: Any, where: str, *, device: Any = None) -> None:
     def initialize(*args: Any, **kwargs: Any) -> Any:
         before = dict(pipe.kv_cache1)
         result = init(*args, **kwargs)
+        synced = False
         for key, cache in pipe.kv_cache1.items():
             if before.get(key) is cache:
                 continue
@@ -410,6 +420,9 @@ def place_kv_caches(pipe: Any, where: str, *, device: Any = None) -> None:
                         buf = t.cpu().pin_memory() if pin else t.cpu().clone()
                         pool[(key, li, name)] = buf
                     else:
+                        if pin and not synced:  # a copy-out into it may still be in flight
+                            torch.cuda.synchronize(dev)
+                            synced = True
                         buf.copy_(t)
                     layer[name] = homes[name] = buf
                 per_layer.append(homes)
@@ -470,3 +483,29 @@ def encoders_on_cpu(pipe: Any, *, text: bool = True, audio: bool = True) -> None
         pipe.text_encoder.model.cpu()
     if audio:
         _cpu_only(pipe.audio_encoder.model)
+
+
+# ------------------------------------------------------------------------------------------
+# All levers at once, from the preset's keys.
+# ------------------------------------------------------------------------------------------
+def apply_levers(pipe: Any, *, resident_blocks: int = 40, weight_storage: str = "bf16",
+                 prefetch_blocks: int = 1, offload_kv_cache: bool = False,
+                 encoders: str = "gpu", device: Any = None) -> BlockSwap | None:
+    """Apply the preset's `liveavatar.{resident_blocks, weight_storage, prefetch_blocks,
+    offload_kv_cache, encoders}` to a built pipeline whose DiT is in host memory (see the
+    module doc for the order). Returns the block-swap handle, or None when every block stays
+    on the device in bf16 (then the DiT is simply moved)."""
+    if encoders not in ("gpu", "cpu"):
+        raise ValueError(f"encoders must be gpu or cpu, got {encoders!r}")
+    dev = torch.device(device) if device is not None else torch.device(pipe.device)
+    model = pipe.noise_model
+    handle = None
+    if resident_blocks < len(model.blocks) or weight_storage != "bf16":
+        handle = place_dit(model, resident=resident_blocks, device=dev, storage=weight_storage,
+                           prefetch=prefetch_blocks)
+    else:
+        model.to(dev)
+    place_kv_caches(pipe, "host" if offload_kv_cache else "gpu", device=dev)
+    if encoders == "cpu":
+        encoders_on_cpu(pipe)
+    return handle
