@@ -438,8 +438,14 @@ def plan_cmd(
                                if found else {}),
             }, indent=1))
         else:
+            card_only = None
+            if found is None and host is not None:
+                _, card_only = fit.lever_fit(resolved, gpus=gpus, gpu_mem_gb=gpu_mem,
+                                             facts=facts, host_mem_gb=None,
+                                             tflops=tflops or mem_model.GPU_TFLOPS,
+                                             pcie_gib_s=pcie or mem_model.PCIE_GIB_PER_S)
             for line in fit.fit_lines(name, found, gpus=count, gpu_mem_gb=card,
-                                      host_mem_gb=host):
+                                      host_mem_gb=host, card_only=card_only):
                 typer.echo(line)
         if found is None:
             raise typer.Exit(1)

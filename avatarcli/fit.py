@@ -155,13 +155,21 @@ def lever_fit(resolved: presets.ResolvedPreset, *, gpus: int | None, gpu_mem_gb:
 
 
 def fit_lines(name: str, found: memory.LeverFit | None, *, gpus: int, gpu_mem_gb: float,
-              host_mem_gb: float | None) -> list[str]:
-    """What `avatar plan --fit` prints."""
-    host = "host RAM unknown" if host_mem_gb is None else f"{host_mem_gb:g} GB host RAM"
+              host_mem_gb: float | None,
+              card_only: memory.LeverFit | None = None) -> list[str]:
+    """What `avatar plan --fit` prints. card_only: the fit without the host-RAM bound, to say
+    when the host RAM, not the card, is what nothing fits."""
+    host = "host RAM unknown" if host_mem_gb is None else f"{host_mem_gb:.4g} GB host RAM"
     where = f"{gpus} x {gpu_mem_gb:g} GB, {host}"
     if found is None:
-        return [f"fit: nothing fits {where} at {name}'s size, clip length and steps "
-                f"(try a smaller size or infer_frames)"]
+        out = [f"fit: nothing fits {where} at {name}'s size, clip length and steps "
+               f"(try a smaller size or infer_frames)"]
+        if card_only is not None:
+            out.append(f"  the cards alone would fit (e.g. "
+                       f"{' '.join(card_only.set_lines())}) but one worker needs "
+                       f"{card_only.host.peak_gb:.1f} GB of host RAM (--host-mem GB for "
+                       f"another machine)")
+        return out
     p, cost = found.preset, found.cost
     head = (f"fit for {where}: {name}'s {p.size}, {p.infer_frames} frames/clip, "
             f"{p.sample_steps} steps, with the resident worker's levers")

@@ -190,3 +190,7 @@ def test_plan_fit_five_24gb_cards() -> None:
     assert data["fps"] == pytest.approx(data["workers"] * data["fps_per_worker"], rel=0.01)
     none = runner.invoke(app, ["plan", "--gpu-mem", "12", "--fit", "--host-mem", "1024"])
     assert none.exit_code == 1 and "nothing fits" in none.output
+    assert "cards alone would fit" not in none.output
+    host = runner.invoke(app, ["plan", "--gpus", "5", "--gpu-mem", "24", "--fit",
+                               "--host-mem", "32"])
+    assert host.exit_code == 1 and "the cards alone would fit" in host.output

@@ -205,6 +205,14 @@ def _set(slot: tuple[nn.Module, str, bool], value: torch.Tensor) -> None:
         mod._buffers[name] = value
 
 
+def _eager(hook: Callable[..., None]) -> Callable[..., None]:
+    """Hooks run eagerly even inside upstream's torch.compile'd forward (ENABLE_COMPILE=true):
+    dynamo breaks the graph around them instead of tracing stream and placement changes.
+    Not yet run on a GPU with compile on: ENABLE_COMPILE=false is the tested setting."""
+    compiler = getattr(torch, "compiler", None)
+    return compiler.disable(hook) if compiler is not None else hook
+
+
 def _ignore_moves(self: nn.Module, fn: Callable[..., Any], recurse: bool = True) -> nn.Module:
     return self  # the BlockSwap owns this block's placement
 
@@ -255,8 +263,8 @@ class BlockSwap:
                 block.to(self.device)
         self._handles = []
         for i, block in enumerate(self.blocks):
-            self._handles.append(block.register_forward_pre_hook(self._pre_hook(i)))
-            self._handles.append(block.register_forward_hook(self._post_hook(i)))
+            self._handles.append(block.register_forward_pre_hook(_eager(self._pre_hook(i))))
+            self._handles.append(block.register_forward_hook(_eager(self._post_hook(i))))
 
     # -- copies --------------------------------------------------------------------------
     def _copy_in(self, i: int) -> None:
