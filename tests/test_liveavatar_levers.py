@@ -257,3 +257,17 @@ def test_apply_levers_from_the_preset_keys_on_the_standin_pipeline() -> None:
     assert lv.apply_levers(plain, device=CPU) is None and not plain.offload_kv_cache
     with pytest.raises(ValueError):
         lv.apply_levers(plain, encoders="disk", device=CPU)
+
+
+def test_block_swap_under_torch_compile_as_upstream_compiles_the_forward() -> None:
+    """Upstream compiles the DiT's whole forward (ENABLE_COMPILE=true): the swap's hooks must
+    still run each call (eager; dynamo's 'eager' backend here, no C++ compiler needed)."""
+    reference = _run(make_dit())
+    dit = make_dit()
+    handle = lv.apply_block_swap(dit.blocks, resident=3, device=CPU)
+    dit.forward = torch.compile(dit.forward, backend="eager")  # type: ignore[method-assign]
+    out = _run(dit)
+    assert torch.equal(out, reference)
+    forwards = 3 * 4
+    assert handle.copies_in == forwards * len(handle.swapped) + 1  # + the next forward's prefetch
+    assert sum(p == "device" for p in handle.placement()) == 3 + 1
