@@ -322,7 +322,7 @@ def _preset_ref(preset: str | None, gpus: str | None) -> str | None:
     if gpus:
         wanted = gpu_info.parse_list(gpus)
         facts = [f for f in facts if f.index in wanted]
-    name, why = fit.auto_preset(facts)
+    name, why = fit.auto_preset(facts, gpu_info.host_memory_gb())
     _err(f"preset auto: {name} ({why})")
     return name
 
@@ -574,15 +574,54 @@ def plan_cmd(
                                                   help="Memory of one card [default: the smallest visible].")] = None,
     host_mem: Annotated[float | None, typer.Option("--host-mem", metavar="GB", min=1,
                                                    help="Host RAM [default: this machine's].")] = None,
+    fit_: Annotated[bool, typer.Option("--fit", help="Choose the fastest memory levers (resident worker) that fit the cards and host RAM; print them as --set lines.")] = False,
+    tflops: Annotated[float, typer.Option("--tflops", min=0,
+                                          help="Card's effective bf16 TFLOPS for --fit's time estimate [default: an RTX 4090's, assumed].")] = 0.0,
+    pcie: Annotated[float, typer.Option("--pcie", metavar="GB/S", min=0,
+                                        help="Pinned host-to-GPU copy rate [default: PCIe 4.0 x16, assumed].")] = 0.0,
     as_json: AsJson = False,
 ) -> None:
     """Estimate a preset's peak GPU memory per card; with AUDIO, the batch plan and time."""
     from avatarcli import fit, history
     from avatarcli import gpus as gpu_info
+    from avatarcli import memory as mem_model
 
     _setup_logging(False, as_json)
     facts = gpu_info.facts()
     resolved = presets.resolve(_preset_ref(preset, None), presets.parse_set(set_ or []))
+    if fit_:
+        host = host_mem if host_mem is not None else gpu_info.host_memory_gb()
+        name, found = fit.lever_fit(resolved, gpus=gpus, gpu_mem_gb=gpu_mem, facts=facts,
+                                    host_mem_gb=host, tflops=tflops or mem_model.GPU_TFLOPS,
+                                    pcie_gib_s=pcie or mem_model.PCIE_GIB_PER_S)
+        count = gpus or max(1, len(facts))
+        card = gpu_mem if gpu_mem is not None else fit.smallest_card_gb(facts) or 0.0
+        if as_json:
+            typer.echo(json.dumps({
+                "baseline": name, "gpus": count, "gpu_mem_gb": card, "host_mem_gb": host,
+                "fits": found is not None,
+                "set": found.set_lines() if found else [],
+                "workers": found.workers if found else 0,
+                "fps_per_worker": round(found.cost.fps, 3) if found else None,
+                "fps": round(found.fps, 3) if found else None,
+                "per_gpu_peak_gb": round(found.estimate.per_gpu_peak_gb, 2) if found else None,
+                "host_peak_gb": round(found.host.peak_gb, 2) if found else None,
+                "components": ({k: round(v, 2) for k, v in found.estimate.components.items()}
+                               if found else {}),
+            }, indent=1))
+        else:
+            card_only = None
+            if found is None and host is not None:
+                _, card_only = fit.lever_fit(resolved, gpus=gpus, gpu_mem_gb=gpu_mem,
+                                             facts=facts, host_mem_gb=None,
+                                             tflops=tflops or mem_model.GPU_TFLOPS,
+                                             pcie_gib_s=pcie or mem_model.PCIE_GIB_PER_S)
+            for line in fit.fit_lines(name, found, gpus=count, gpu_mem_gb=card,
+                                      host_mem_gb=host, card_only=card_only):
+                typer.echo(line)
+        if found is None:
+            raise typer.Exit(1)
+        return
     if audio is not None and not audio.is_file():
         raise InputError(f"{audio}: audio file not found")
     seen = history.seen(resolved.preset, facts[0].name if facts else None)

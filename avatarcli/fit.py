@@ -98,8 +98,10 @@ def smallest_card_gb(facts: list[GpuFact]) -> float | None:
     return min(sizes) if sizes else None
 
 
-def auto_preset(facts: list[GpuFact]) -> tuple[str, str]:
-    """(name, why) of the best-quality built-in preset whose estimate fits the visible GPUs."""
+def auto_preset(facts: list[GpuFact], host_mem_gb: float | None = None) -> tuple[str, str]:
+    """(name, why) of the best-quality built-in preset whose estimate fits the visible GPUs
+    and, when `host_mem_gb` is known, the host RAM (the lever presets load the DiT in host
+    memory). The why gives the planner's expected throughput (memory.step_cost)."""
     mem = smallest_card_gb(facts)
     if not facts or mem is None:
         return CPU_PRESET, "no GPU visible: the built-in CPU engine"
@@ -111,6 +113,9 @@ def auto_preset(facts: list[GpuFact]) -> tuple[str, str]:
             continue
         p = presets.resolve(name).preset
         if p.engine == "liveavatar" and (fp8_ok or not p.liveavatar.fp8):
+            if host_mem_gb is not None and p.liveavatar.gpus_per_run == 1 and not (
+                    memory.host_estimate(p, total_gb=host_mem_gb).fits):
+                continue
             candidates[name] = p
     found = memory.best_fit(candidates, gpus=len(facts), gpu_mem_gb=mem)
     where = f"{len(facts)} x {facts[0].name} ({mem:.0f} GB)"
@@ -119,5 +124,67 @@ def auto_preset(facts: list[GpuFact]) -> tuple[str, str]:
                             f"{'' if fp8_ok else ', fp8 needs compute capability 8.9+'}: "
                             f"the built-in CPU engine")
     name, est = found
+    speed = ""
+    if est.cost is not None:
+        speed = (f", ~{est.cost.fps:.1f} frames/s per GPU estimated; `avatar plan -p {name} "
+                 f"--fit` tunes its levers to this card")
     return name, (f"best-quality built-in preset that fits {where}: peak "
-                  f"{est.per_gpu_peak_gb:.1f} GB of {est.usable_gb:.1f} GB usable per GPU")
+                  f"{est.per_gpu_peak_gb:.1f} GB of {est.usable_gb:.1f} GB usable per GPU"
+                  f"{speed}")
+
+
+# Quality baseline of `avatar plan --fit` when the preset is not a LiveAvatar one.
+FIT_BASELINE = "liveavatar-80gb"
+
+
+def lever_fit(resolved: presets.ResolvedPreset, *, gpus: int | None, gpu_mem_gb: float | None,
+              facts: list[GpuFact], host_mem_gb: float | None,
+              tflops: float = memory.GPU_TFLOPS,
+              pcie_gib_s: float = memory.PCIE_GIB_PER_S) -> tuple[str, memory.LeverFit | None]:
+    """`avatar plan --fit`: the fastest levers for the preset's size, clip length and steps on
+    `gpus` cards (one single-GPU worker per card). Returns (baseline preset name, fit)."""
+    name, p = resolved.name, resolved.preset
+    if p.engine != "liveavatar":
+        name, p = FIT_BASELINE, presets.resolve(FIT_BASELINE).preset
+    count = gpus or max(1, len(facts))
+    mem = gpu_mem_gb if gpu_mem_gb is not None else smallest_card_gb(facts)
+    if mem is None:
+        raise InputError("no GPU visible: give the card size with --gpu-mem GB")
+    return name, memory.fit_levers(p, gpus=count, gpu_mem_gb=mem, host_mem_gb=host_mem_gb,
+                                   tflops=tflops, pcie_gib_s=pcie_gib_s)
+
+
+def fit_lines(name: str, found: memory.LeverFit | None, *, gpus: int, gpu_mem_gb: float,
+              host_mem_gb: float | None,
+              card_only: memory.LeverFit | None = None) -> list[str]:
+    """What `avatar plan --fit` prints. card_only: the fit without the host-RAM bound, to say
+    when the host RAM, not the card, is what nothing fits."""
+    host = "host RAM unknown" if host_mem_gb is None else f"{host_mem_gb:.4g} GB host RAM"
+    where = f"{gpus} x {gpu_mem_gb:g} GB, {host}"
+    if found is None:
+        out = [f"fit: nothing fits {where} at {name}'s size, clip length and steps "
+               f"(try a smaller size or infer_frames)"]
+        if card_only is not None:
+            out.append(f"  the cards alone would fit (e.g. "
+                       f"{' '.join(card_only.set_lines())}) but one worker needs "
+                       f"{card_only.host.peak_gb:.1f} GB of host RAM (--host-mem GB for "
+                       f"another machine)")
+        return out
+    p, cost = found.preset, found.cost
+    head = (f"fit for {where}: {name}'s {p.size}, {p.infer_frames} frames/clip, "
+            f"{p.sample_steps} steps, with the resident worker's levers")
+    if gpus > 1:
+        head += (f"; one single-GPU worker per card, {found.workers} batch(es) at once"
+                 + ("" if found.workers == gpus else
+                    f" (host RAM holds {found.workers} of {gpus} workers)"))
+    out = [head, *[f"  {line}" for line in found.set_lines()],
+           f"  expected: {cost.fps:.2f} frames/s per worker, {found.fps:.2f} frames/s with "
+           f"{found.workers} worker(s) (step {cost.step_s:.2f} s; compute at "
+           f"{cost.tflops:g} TFLOPS, copies at {cost.pcie_gib_s:g} GB/s: assumptions, "
+           f"see memory.GPU_TFLOPS / PCIE_GIB_PER_S)",
+           f"  per GPU: peak {found.estimate.per_gpu_peak_gb:.2f} GB of "
+           f"{found.estimate.usable_gb:.2f} GB usable; host RAM {found.host.peak_gb:.1f} GB "
+           f"per worker, {found.workers * found.host.peak_gb:.1f} GB for {found.workers}"]
+    out += [f"  {line}" for line in found.estimate.lines()]
+    out += [f"  {line}" for line in found.host.lines()]
+    return out

@@ -34,8 +34,9 @@ measurement below describes it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from avatarcli import presets
 from avatarcli.options import LiveAvatarOptions, Preset
@@ -126,6 +127,27 @@ CUDA_CONTEXT_GB = 0.6
 # Share of a card's nominal memory the driver lets torch see: an RTX 4090 (24 GiB) reports
 # "GPU 0 has a total capacity of 23.65 GiB" in torch's out-of-memory message.
 DRIVER_VISIBLE_FRACTION = 23.65 / 24.0
+
+# --------------------------------------------------------------------------------------------
+# Levers of the resident worker (avatarcli/engines/liveavatar_levers.py) and their cost.
+# --------------------------------------------------------------------------------------------
+# Host-to-device copy rate from PINNED memory, GiB/s. Assumption: PCIe 4.0 x16 is 31.5 GB/s
+# (16 GT/s x 16 lanes x 128/130) in theory; pinned copies reach ~75% of it in practice
+# (CUDA's bandwidthTest typically shows 24-26 GB/s on a 4090). Not measured on this project's
+# machines: scripts/bench_memory_gpu.py prints the measured rate (replace this with it).
+PCIE_GIB_PER_S = 22.0
+# bf16 matmul rate of the card, TFLOPS: RTX 4090 dense bf16 with fp32 accumulate, 165.2 as
+# NVIDIA's Ada whitepaper lists it (quoted from memory, not re-checked here), times an assumed
+# 50% efficiency of the DiT's matmuls and attention. An assumption for ranking the levers and
+# for a rough throughput; `avatar plan --tflops` overrides it for other cards.
+GPU_TFLOPS = 165.2 * 0.5
+# GPU memory bandwidth, GiB/s (RTX 4090: 1008 GB/s spec): dequantising a 1-byte weight to bf16
+# reads 1 byte and writes 2 per weight per forward.
+GPU_MEM_GIB_PER_S = 1008e9 / GIB
+DEQUANT_BYTES_PER_WEIGHT = 3
+# Quantised storage keeps one fp32 scale per output channel (liveavatar_levers.quantise).
+SCALE_BYTES = FP32_BYTES
+WEIGHT_STORAGES = ("bf16", "int8", "fp8")
 
 Sharding = Literal["auto", "replica", "fsdp"]
 
@@ -367,16 +389,19 @@ def vae_decode_gb(width: int, height: int, infer_frames: int) -> float:
 
 
 def per_layer_estimate(preset: Preset, layers: int, *, width: int | None = None,
-                       height: int | None = None) -> dict[str, float]:
+                       height: int | None = None, resident: int | None = None,
+                       storage: str = "bf16", prefetch: int = 1) -> dict[str, float]:
     """What `layers` DiT blocks need in one denoising step on one GPU (GiB), for a benchmark on
-    a few layers: bf16 weights, one per-step KV cache + cond cache, the text cross-attention
+    a few layers: weights, one per-step KV cache + cond cache, the text cross-attention
     cache, and one block's activations (transient, so not scaled by `layers`). No CUDA context:
-    compare with torch.cuda.max_memory_allocated()."""
+    compare with torch.cuda.max_memory_allocated(). With `resident` (block swap over the
+    slice): resident blocks plus the swap slots, in `storage`."""
     w, h = _frame_size(preset, width, height)
     multi = preset.liveavatar.gpus_per_run == GPUS_MULTI
     cond_slots = COND_CACHE_TOKENS_MULTI if multi else COND_CACHE_TOKENS_SINGLE
+    on_gpu = layers if resident is None else resident + min(layers - resident, prefetch + 1)
     return {
-        "weights": layers * dit_block_params() * BF16_BYTES / GIB,
+        "weights": on_gpu * block_gb(storage),
         "kv_cache": kv_cache_gb(kv_tokens(preset.infer_frames, w, h) + cond_slots, layers),
         "cross_attn_cache": kv_cache_gb(TEXT_TOKENS, layers),
         "activations": activations_gb(w, h, preset.infer_frames),
@@ -390,6 +415,147 @@ def _frame_size(preset: Preset, width: int | None, height: int | None) -> tuple[
     if w < 64 or h < 64:
         raise ValueError(f"frame size {w}x{h} is too small")
     return w, h
+
+
+# --------------------------------------------------------------------------------------------
+# Levers: block swap, weight storage, KV placement, encoders (one GPU, resident worker).
+# --------------------------------------------------------------------------------------------
+def storage_of(opts: LiveAvatarOptions) -> str:
+    """How the DiT's Linear weights are stored: "fp8-native" (upstream's --fp8, fp8 compute),
+    else weight_storage ("bf16"; "int8"/"fp8": 1 byte with bf16 compute)."""
+    return "fp8-native" if opts.fp8 else opts.weight_storage
+
+
+def _block_linear_out_channels() -> int:
+    return 8 * DIT_DIM + DIT_FFN + DIT_DIM  # 2 x (q, k, v, o), ffn.0, ffn.2
+
+
+def block_gb(storage: str) -> float:
+    """One DiT block's weights in `storage` (see storage_of)."""
+    total = dit_block_params() * BF16_BYTES
+    if storage != "bf16":
+        total -= _dit_block_linear_weights() * (BF16_BYTES - FP8_BYTES)
+    if storage in ("int8", "fp8"):
+        total += _block_linear_out_channels() * SCALE_BYTES
+    return total / GIB
+
+
+def root_gb(storage: str) -> float:
+    """The DiT outside its 40 blocks: always on the GPU (the audio injector is converted)."""
+    total = dit_root_params() * BF16_BYTES
+    if storage != "bf16":
+        total -= _audio_injector_linear_weights() * (BF16_BYTES - FP8_BYTES)
+    if storage in ("int8", "fp8"):
+        total += AUDIO_INJECT_LAYERS * 6 * DIT_DIM * SCALE_BYTES
+    return total / GIB
+
+
+def swapped_blocks(opts: LiveAvatarOptions) -> int:
+    return DIT_LAYERS - opts.resident_blocks
+
+
+def swap_slots(opts: LiveAvatarOptions) -> int:
+    """Swapped blocks on the GPU at once: the running one and the prefetched ones."""
+    return min(swapped_blocks(opts), opts.prefetch_blocks + 1)
+
+
+def loads_on_host(opts: LiveAvatarOptions) -> bool:
+    """The resident worker builds the DiT in host memory, converts it, then places it, when
+    blocks are swapped or the storage is quantised (never whole on the GPU)."""
+    return opts.resident_blocks < DIT_LAYERS or opts.weight_storage != "bf16"
+
+
+def dit_gpu_gb(opts: LiveAvatarOptions) -> float:
+    """DiT weights on the GPU while denoising: root, resident blocks, swap slots."""
+    storage = storage_of(opts)
+    return root_gb(storage) + (opts.resident_blocks + swap_slots(opts)) * block_gb(storage)
+
+
+def encoders_on_cpu(opts: LiveAvatarOptions) -> bool:
+    return opts.encoders == "cpu"
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Time of one denoising step (one DiT forward over a block of 3 latent frames) on one GPU.
+
+    step_s = kv_s + max(compute_s, weights_s): block copies run on a side stream behind the
+    compute; KV-cache copies (in before the forward, out after) are on the compute stream.
+    """
+
+    compute_s: float
+    weights_gb: float  # swapped blocks copied in per step
+    weights_s: float
+    kv_gb: float  # KV cache in + out per step (host KV caches)
+    kv_s: float
+    step_s: float
+    forwards_per_clip: int
+    fps: float  # output frames per second of one worker
+    pcie_gib_s: float
+    tflops: float
+
+    def line(self) -> str:
+        hidden = "hidden behind compute" if self.weights_s <= self.compute_s else "NOT hidden"
+        return (f"per step: compute {self.compute_s:.2f} s at {self.tflops:g} TFLOPS; "
+                f"block swap {self.weights_gb:.1f} GB = {self.weights_s:.2f} s at "
+                f"{self.pcie_gib_s:g} GB/s ({hidden}); KV copies {self.kv_gb:.1f} GB = "
+                f"{self.kv_s:.2f} s; step {self.step_s:.2f} s x {self.forwards_per_clip} per "
+                f"clip -> {self.fps:.2f} frames/s per GPU")
+
+
+def step_cost(preset: Preset, *, width: int | None = None, height: int | None = None,
+              pcie_gib_s: float = PCIE_GIB_PER_S, tflops: float = GPU_TFLOPS) -> StepCost:
+    """Expected time per denoising step and frames/s of one single-GPU worker (see StepCost).
+
+    FLOPs from the shapes: 2 x tokens x Linear weights, plus QK^T and AV over the KV cache,
+    the cond cache and the text tokens (upper bounds). Model-independent overheads (VAE decode,
+    encoders, Python) are left out: a lower bound on time, for ranking the levers.
+    """
+    opts = preset.liveavatar
+    w, h = _frame_size(preset, width, height)
+    storage = storage_of(opts)
+    q = FRAMES_PER_BLOCK * frame_tokens(w, h)
+    attended = kv_tokens(preset.infer_frames, w, h) + cond_tokens(w, h) + TEXT_TOKENS
+    linear = DIT_LAYERS * _dit_block_linear_weights() + _audio_injector_linear_weights()
+    flops = 2 * q * linear + DIT_LAYERS * 4 * q * attended * DIT_DIM
+    compute = flops / (tflops * 1e12)
+    if storage in ("int8", "fp8"):
+        compute += linear * DEQUANT_BYTES_PER_WEIGHT / (GPU_MEM_GIB_PER_S * GIB)
+    weights_gb = swapped_blocks(opts) * block_gb(storage)
+    kv_gb = 0.0
+    if opts.offload_kv_cache:
+        kv_gb = 2 * (kv_cache_gb(kv_tokens(preset.infer_frames, w, h))
+                     + kv_cache_gb(COND_CACHE_TOKENS_SINGLE))
+    weights_s, kv_s = weights_gb / pcie_gib_s, kv_gb / pcie_gib_s
+    step = kv_s + max(compute, weights_s)
+    forwards = latent_frames(preset.infer_frames) // FRAMES_PER_BLOCK * preset.sample_steps
+    return StepCost(compute_s=compute, weights_gb=weights_gb, weights_s=weights_s, kv_gb=kv_gb,
+                    kv_s=kv_s, step_s=step, forwards_per_clip=forwards,
+                    fps=preset.infer_frames / (forwards * step), pcie_gib_s=pcie_gib_s,
+                    tflops=tflops)
+
+
+def lever_lines(preset: Preset) -> list[str]:
+    """One line per lever: what it is set to and what it puts where."""
+    opts = preset.liveavatar
+    storage = storage_of(opts)
+    k, swapped = opts.resident_blocks, swapped_blocks(opts)
+    out = [f"lever resident_blocks={k}: {k} of {DIT_LAYERS} blocks on the GPU "
+           f"({k * block_gb(storage):.2f} GB)"
+           + (f", {swapped} in pinned host memory ({swapped * block_gb(storage):.2f} GB), "
+              f"{swap_slots(opts)} swap slot(s) on the GPU "
+              f"({swap_slots(opts) * block_gb(storage):.2f} GB)" if swapped else ", no swap"),
+           f"lever weight storage {storage}: {block_gb(storage):.3f} GB per block, DiT root "
+           f"{root_gb(storage):.2f} GB"
+           + (", bf16 compute dequantised per layer" if storage in ("int8", "fp8") else ""),
+           "lever KV caches: " + ("pinned host memory, one step's cache on the GPU at a time"
+                                  if opts.offload_kv_cache else "on the GPU (4 per-step caches)"),
+           f"lever encoders: {opts.encoders}"
+           + (" (T5 and wav2vec2 never on the GPU)" if encoders_on_cpu(opts) else "")]
+    if loads_on_host(opts):
+        out.append("load: the DiT is built in host memory, converted, then placed (never "
+                   "whole on the GPU)")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,6 +604,8 @@ class Estimate:
     peak_phase: str = ""
     fails_at: str | None = None  # first phase over the usable memory
     size_supported: bool = True  # False: upstream's fixed cond cache is too small for the size
+    levers: list[str] = field(default_factory=list)  # one GPU: what each lever puts where
+    cost: StepCost | None = None  # one GPU: expected time per step and frames/s
 
     def phase_gb(self, phase: str) -> float:
         return sum(self.phases[phase].values())
@@ -450,6 +618,9 @@ class Estimate:
                f"({self.gpus} GPU{'s' if self.gpus > 1 else ''})"]
         out += [f"  {name:<18} {gb:7.2f} GB" for name, gb in self.components.items()]
         out.append("  phases: " + ", ".join(f"{p} {self.phase_gb(p):.2f}" for p in self.phases))
+        out += [f"  {line}" for line in self.levers]
+        if self.cost is not None:
+            out.append(f"  {self.cost.line()}")
         out += [f"  note: {n}" for n in self.notes]
         return out
 
@@ -487,7 +658,7 @@ def estimate(preset: Preset, *, gpus: int | None = None, gpu_mem_gb: float,
         raise ValueError(f"gpu_mem_gb must be positive, got {gpu_mem_gb}")
     w, h = _frame_size(preset, width, height)
     multi = n == GPUS_MULTI
-    fp8, t5_cpu = opts.fp8, "--t5_cpu" in opts.extra_args
+    fp8, t5_cpu = opts.fp8, "--t5_cpu" in opts.extra_args or encoders_on_cpu(opts)
     notes: list[str] = []
 
     ctx = {"cuda_context": CUDA_CONTEXT_GB}
@@ -502,8 +673,12 @@ def estimate(preset: Preset, *, gpus: int | None = None, gpu_mem_gb: float,
     cond = kv_cache_gb(cond_slots)
 
     phases: dict[str, dict[str, float]] = {}
+    levers: list[str] = []
+    cost: StepCost | None = None
     if not multi:
-        dit = dit_weights_gb(fp8)
+        dit = dit_gpu_gb(opts)
+        w2v = 0.0 if encoders_on_cpu(opts) else audio_encoder_gb()
+        levers, cost = lever_lines(preset), step_cost(preset, width=w, height=h)
         # One GPU always runs with --offload_model True: without it the VAE stays on the CPU
         # (init_on_cpu) and decoding fails after all the denoising (causal_s2v_pipeline.py:
         # 961-965, 1146-1153), so presets refuse `offload: false` there (presets._check_rules).
@@ -513,10 +688,13 @@ def estimate(preset: Preset, *, gpus: int | None = None, gpu_mem_gb: float,
         kv = kv_step + cond if opts.offload_kv_cache else KV_STEPS * kv_step + cond
         kv_idle = 0.0 if opts.offload_kv_cache else kv  # between steps
         stay = {} if offload else {"text_encoder": t5, "vae_weights": vae}
-        phases["load"] = {**ctx, "dit_weights": dit_weights_gb(False),
-                          "lora_adapters": lora_adapters_gb(), "vae_weights": vae}
+        if loads_on_host(opts):  # built, merged and converted in host memory, then placed
+            phases["load"] = {**ctx, "vae_weights": vae}
+        else:
+            phases["load"] = {**ctx, "dit_weights": dit_weights_gb(False),
+                              "lora_adapters": lora_adapters_gb(), "vae_weights": vae}
         phases["encode_media"] = {**ctx, "dit_weights": dit, "vae_weights": vae,
-                                  "audio_encoder": audio_encoder_gb(),
+                                  "audio_encoder": w2v,
                                   "vae_encode": vae_workspace_gb(w, h)}
         phases["loaded"] = {**ctx, "dit_weights": dit, "vae_weights": vae, "text_encoder": t5}
         phases["denoise"] = {**ctx, "dit_weights": dit, **stay, "kv_cache": kv,
@@ -542,6 +720,9 @@ def estimate(preset: Preset, *, gpus: int | None = None, gpu_mem_gb: float,
                          f"{cond:.2f} GB cond cache stay on the GPU (allocated for 4 steps "
                          f"whatever sample_steps)")
     else:
+        if loads_on_host(opts) or encoders_on_cpu(opts) or opts.weight_storage != "bf16":
+            notes.append("the resident-worker levers (resident_blocks, weight_storage, "
+                         "encoders) act on one GPU only: ignored with 5 GPUs")
         mode = _sharding(opts, dit_sharding)
         res = {"multi_gpu_residue": MULTI_GPU_RESIDUE_GB}
         dit_full = dit_weights_gb(fp8)
@@ -580,8 +761,9 @@ def estimate(preset: Preset, *, gpus: int | None = None, gpu_mem_gb: float,
 
     if fp8:
         notes.append("fp8 needs compute capability 8.9+ (Ada/Hopper): torch._scaled_mm")
-        notes.append(f"fp8: the DiT is loaded in bf16 ({dit_weights_gb(False):.1f} GB) on the "
-                     f"GPU first, then converted ({dit_weights_gb(True):.1f} GB)")
+        if multi or not loads_on_host(opts):
+            notes.append(f"fp8: the DiT is loaded in bf16 ({dit_weights_gb(False):.1f} GB) on "
+                         f"the GPU first, then converted ({dit_weights_gb(True):.1f} GB)")
     if t5_cpu:
         notes.append("--t5_cpu: the text encoder never goes to the GPU")
     size_supported = cond_needed <= cond_slots
@@ -600,7 +782,7 @@ def estimate(preset: Preset, *, gpus: int | None = None, gpu_mem_gb: float,
     return Estimate(components=dict(phases[peak_phase]), per_gpu_peak_gb=peak, usable_gb=usable,
                     fits=fails_at is None, headroom_gb=usable - peak, gpus=n, notes=notes,
                     phases=phases, peak_phase=peak_phase, fails_at=fails_at,
-                    size_supported=size_supported)
+                    size_supported=size_supported, levers=levers, cost=cost)
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,14 +846,34 @@ def host_estimate(preset: Preset, *, total_gb: float | None, width: int | None =
         per = kv_cache_gb(kv_tokens(preset.infer_frames, w, h)) + kv_cache_gb(
             COND_CACHE_TOKENS_SINGLE)
         comps["kv_cache"] = KV_STEPS * per
-        notes.append(f"offload_kv_cache: {KV_STEPS} caches of {per:.1f} GB in pageable host "
+        notes.append(f"offload_kv_cache: {KV_STEPS} caches of {per:.1f} GB in host "
                      f"memory; each step copies one to the GPU and back ({2 * per:.1f} GB per "
                      f"step, {2 * per * preset.sample_steps:.0f} GB per block of 3 latent "
                      f"frames): expect denoising several times slower")
+    if not multi and swapped_blocks(opts):
+        storage = storage_of(opts)
+        comps["dit_swapped_blocks"] = swapped_blocks(opts) * block_gb(storage)
+        notes.append(f"block swap: {swapped_blocks(opts)} DiT blocks in pinned host memory "
+                     f"({block_gb(storage):.2f} GB each)")
+    if not multi and opts.offload_kv_cache:
+        notes.append("resident worker: the KV caches are in PINNED host memory (page-locked: "
+                     "it cannot be swapped out)")
     comps["decoded_frames"] = n * 3 * w * h * DECODED_BYTES_PER_VALUE / GIB
     comps = _clean(comps)
-    return HostEstimate(components=comps, peak_gb=sum(comps.values()), total_gb=total_gb,
-                        notes=notes)
+    peak = sum(comps.values())
+    if not multi and loads_on_host(opts):
+        # Loading: the bf16 DiT and its fp32 LoRA adapters in host memory beside the encoders,
+        # converted and placed block by block before any cache or frame exists.
+        load = _clean({"process": PROCESS_HOST_GB, "dit_load_bf16": dit_weights_gb(False),
+                       "lora_adapters": lora_adapters_gb(),
+                       "text_encoder": text_encoder_gb(), "audio_encoder": audio_encoder_gb(),
+                       "vae_weights": vae_weights_gb()})
+        load_gb = sum(load.values())
+        notes.append(f"load: the DiT is built in host memory ({load_gb:.1f} GB with the "
+                     f"encoders), converted, then placed; rendering holds {peak:.1f} GB")
+        if load_gb > peak:
+            comps, peak = load, load_gb
+    return HostEstimate(components=comps, peak_gb=peak, total_gb=total_gb, notes=notes)
 
 
 def rung_effects(preset: Preset) -> list[tuple[int, float, float]]:
@@ -706,6 +908,101 @@ def rung_warnings(preset: Preset) -> list[str]:
             f"peak after loading ({before:.2f} -> {after:.2f} GB per GPU): it cannot help an out-of-memory "
             f"failure and costs a model reload"
             for k, before, after in rung_effects(preset) if after >= before - 0.005]
+
+
+# --------------------------------------------------------------------------------------------
+# --fit: the fastest combination of levers that fits the card and the host RAM.
+# --------------------------------------------------------------------------------------------
+# Headroom the fit keeps on the card beyond the estimate: the estimate's own error (the GPU
+# benchmark's target is 15%; this margin is an assumption until it has run).
+FIT_MARGIN_GB = 1.0
+# Preference among equally fast storages: exact first, then 1-byte kinds; int8 before fp8
+# storage because per-channel int8 has a uniform step of max/127 where e4m3 keeps 3 mantissa
+# bits (up to 6% of a weight) - both computed in bf16.
+_STORAGE_RANK = {"bf16": 0, "fp8-native": 1, "int8": 2, "fp8": 3}
+
+
+@dataclass(frozen=True)
+class LeverFit:
+    """What --fit chose: the preset with the levers, one worker's estimates, how many workers."""
+
+    preset: Preset
+    estimate: Estimate
+    host: HostEstimate  # one worker (total_gb: the host RAM share of one worker, or None)
+    cost: StepCost
+    workers: int  # single-GPU workers at once, one per card
+    gpus: int
+    host_mem_gb: float | None
+    settings: dict[str, Any]  # liveavatar.<key>: value (the --set lines)
+
+    @property
+    def fps(self) -> float:
+        return self.workers * self.cost.fps
+
+    def set_lines(self) -> list[str]:
+        def show(v: Any) -> str:
+            return str(v).lower() if isinstance(v, bool) else str(v)
+        return [f"--set {k}={show(v)}" for k, v in self.settings.items()]
+
+
+def fit_levers(preset: Preset, *, gpus: int = 1, gpu_mem_gb: float,
+               host_mem_gb: float | None = None, width: int | None = None,
+               height: int | None = None, pcie_gib_s: float = PCIE_GIB_PER_S,
+               tflops: float = GPU_TFLOPS) -> LeverFit | None:
+    """The fastest lever combination for `preset`'s size, frames and steps: one single-GPU
+    worker per card (`gpus` cards of `gpu_mem_gb`), as many workers as the host RAM holds.
+
+    Tries resident_blocks 40..0, weight storage (bf16, int8; fp8 storage when the preset asks
+    for it; upstream's fp8 compute when the preset has fp8: true), KV caches on the GPU or in
+    pinned host memory, encoders on the GPU or the CPU. Each must fit the card with
+    FIT_MARGIN_GB to spare and the host RAM (workers x the host peak of one). Fastest = most
+    frames/s over all workers (StepCost); ties go to exact storage, encoders and KV caches on
+    the GPU, more resident blocks, less host RAM. None when nothing fits.
+    """
+    if preset.engine != "liveavatar":
+        raise ValueError(f"--fit covers the liveavatar engine, not {preset.engine!r}")
+    opts = preset.liveavatar
+    if opts.fp8:
+        storages = [("bf16", True)]
+    elif opts.weight_storage == "fp8":
+        storages = [("bf16", False), ("fp8", False)]
+    else:
+        storages = [("bf16", False), ("int8", False)]
+    best: tuple[tuple[Any, ...], LeverFit] | None = None
+    for storage, fp8 in storages:
+        for kv_host in (False, True):
+            for enc in ("gpu", "cpu"):
+                for k in range(DIT_LAYERS, -1, -1):
+                    cand_opts = dataclasses.replace(
+                        opts, gpus_per_run=1, fp8=fp8, weight_storage=storage,
+                        offload_kv_cache=kv_host, encoders=enc, resident_blocks=k)
+                    cand = dataclasses.replace(preset, liveavatar=cand_opts, offload=True)
+                    est = estimate(cand, gpus=1, gpu_mem_gb=gpu_mem_gb, width=width,
+                                   height=height)
+                    if not (est.fits and est.size_supported and est.headroom_gb >= FIT_MARGIN_GB):
+                        continue
+                    host = host_estimate(cand, total_gb=None, width=width, height=height)
+                    workers = gpus if host_mem_gb is None else min(
+                        gpus, int(host_mem_gb // host.peak_gb))
+                    if workers < 1:
+                        continue
+                    cost = step_cost(cand, width=width, height=height, pcie_gib_s=pcie_gib_s,
+                                     tflops=tflops)
+                    key = (-round(workers * cost.fps, 3), _STORAGE_RANK[storage_of(cand_opts)],
+                           enc != "gpu", kv_host, -k, host.peak_gb)
+                    if best is not None and key >= best[0]:
+                        break  # fewer resident blocks only get slower or equal from here
+                    settings = {"liveavatar.gpus_per_run": 1, "offload": True,
+                                "liveavatar.resident_blocks": k,
+                                "liveavatar.weight_storage": storage, "liveavatar.fp8": fp8,
+                                "liveavatar.offload_kv_cache": kv_host,
+                                "liveavatar.encoders": enc}
+                    share = None if host_mem_gb is None else host_mem_gb / workers
+                    best = (key, LeverFit(
+                        preset=cand, estimate=est,
+                        host=dataclasses.replace(host, total_gb=share), cost=cost,
+                        workers=workers, gpus=gpus, host_mem_gb=host_mem_gb, settings=settings))
+    return None if best is None else best[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,8 +66,26 @@ class LiveAvatarOptions:
     # FP8 weights via torch._scaled_mm (compute capability 8.9+).
     fp8: bool = knob(False, help="--fp8")
     # Keep the four per-step KV caches in host memory: fits smaller GPUs, costs host RAM
-    # (about 47 GiB at 704*384) and a copy of each cache to the GPU and back at every step.
+    # (about 47 GiB at 704*384) and a copy of each cache to the GPU and back at every step
+    # (the resident worker keeps them in PINNED host memory and copies without blocking).
     offload_kv_cache: bool = knob(False, help="--offload_kv_cache")
+    # Memory levers of the RESIDENT worker (one GPU; the resident LiveAvatar worker applies them
+    # with avatarcli/engines/liveavatar_levers.py; a one-process-per-batch script launch ignores
+    # them). `avatar plan --fit` picks them for a card; `avatar plan` shows what each costs.
+    # DiT blocks (of 40) kept on the GPU; the others stay in pinned host memory and are copied
+    # in one block ahead of their use on a side CUDA stream (block swap). 40: no swap.
+    resident_blocks: int = knob(40, bounds=(0, 40),
+                                help="DiT blocks on the GPU, rest streamed (resident worker)")
+    # Swapped blocks copied ahead of their use (each costs one block of GPU memory).
+    prefetch_blocks: int = knob(1, bounds=(0, 4), help="blocks prefetched (resident worker)")
+    # Storage of the DiT's Linear weights, computed in bf16 dequantised per layer (any GPU):
+    # int8 or fp8 (e4m3) with one scale per output channel, half the bytes and half the swap
+    # transfer. `fp8: true` is upstream's own fp8 compute instead (compute capability 8.9+).
+    weight_storage: str = knob("bf16", choices=("bf16", "int8", "fp8"),
+                               help="DiT weight storage, bf16 compute (resident worker)")
+    # Text (T5, 10.6 GiB) and audio (wav2vec2) encoders: on the GPU when they run, or always on
+    # the CPU (slower prompt/audio encoding once per batch; frees the GPU).
+    encoders: str = knob("gpu", choices=("gpu", "cpu"), help="where T5/wav2vec2 run (resident worker)")
     # Frames the model's video leads the audio it was given: upstream denoises clip r against
     # audio frames r*F.. and drops clip 0's first 3 decoded frames, so output frame n shows
     # audio frame n+3 (causal_s2v_pipeline.py:1000-1005, 1119, 1170). Each batch's audio slice

@@ -12,6 +12,17 @@ with the cond cache, torch.nn.functional.scaled_dot_product_attention.
 
 It prints the planner's per-layer-scaled estimate (memory.per_layer_estimate) next to what
 torch.cuda reports for the same configuration. Exit status 2 without a CUDA GPU.
+
+    python scripts/bench_memory_gpu.py --levers [--layers 8] [--storage bf16|int8|fp8]
+                                       [--resident 8,6,4,2,0] [--steps 3] [--prefetch 1]
+
+--levers runs the resident worker's block swap (avatarcli/engines/liveavatar_levers.py) over
+the LAYERS-block slice: the blocks are built in (pinned) host memory, converted to STORAGE,
+then K of them placed on the GPU and the rest streamed in one block ahead. Per K it prints the
+peak torch.cuda.max_memory_allocated over the forwards, the planner's estimate for the same
+slice, and the time per block step against all blocks resident, plus the measured pinned
+host-to-GPU copy rate (memory.PCIE_GIB_PER_S assumes 22 GiB/s). Targets (issue 14): estimate
+within 15% of measured; K/LAYERS >= 1/2 (K >= 20 of 40) within 1.3x of all-resident.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 GIB = float(2**30)
+BENCH_DEVICE = "cuda"  # --levers' device (a CPU smoke run of the script code patches it)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,9 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--height", type=int, default=None, help="frame height (default: area key)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="preset override, as `avatar --set` (repeatable)")
+    ap.add_argument("--levers", action="store_true", help="benchmark block swap per K")
+    ap.add_argument("--storage", default="bf16", choices=memory.WEIGHT_STORAGES,
+                    help="--levers: weight storage (bf16 compute)")
+    ap.add_argument("--resident", default="", help="--levers: K values, e.g. 8,6,4,2,0 "
+                    "(default: LAYERS down to 0 in steps of LAYERS/4)")
+    ap.add_argument("--steps", type=int, default=3, help="--levers: timed forwards per K")
+    ap.add_argument("--prefetch", type=int, default=1, help="--levers: blocks prefetched")
     args = ap.parse_args(argv)
     if args.layers < 1:
         ap.error("--layers must be at least 1")
+    if args.levers and args.layers < 2:
+        ap.error("--levers needs at least 2 layers")
     return args
 
 
@@ -113,6 +134,130 @@ def block_forward(blk: Any, x: torch.Tensor, e: torch.Tensor, cache: dict[str, t
     return xf.to(x.dtype)
 
 
+def _step_block(inner: Any, heads: int) -> Any:
+    from torch import nn
+
+    class Step(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Any, e: Any, cache: Any, freqs: Any) -> Any:
+            return block_forward(self.inner, x, e, cache, freqs, heads)
+
+    return Step()
+
+
+def copy_rate_gib_s() -> float:
+    """Pinned host-to-GPU copy rate, GiB/s (1 GiB, best of 3)."""
+    import time
+
+    import torch
+
+    host = torch.empty(int(GIB), dtype=torch.uint8).pin_memory()
+    dev = torch.empty_like(host, device="cuda")
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    del host, dev
+    return 1.0 / best
+
+
+def run_levers(args: argparse.Namespace) -> int:
+    """Block swap over a slice of real-shaped blocks: peak memory, estimate, time per K."""
+    import time
+
+    import torch
+
+    from avatarcli.engines import liveavatar_levers as lv
+
+    preset = presets.resolve(args.preset, presets.parse_set(args.overrides) or None).preset
+    key_w, key_h = presets.parse_size(preset.size)
+    w, h = args.width or key_w, args.height or key_h
+    n, dim, heads, ffn = args.layers, memory.DIT_DIM, memory.DIT_HEADS, memory.DIT_FFN
+    ks = ([int(k) for k in args.resident.split(",")] if args.resident
+          else sorted({n, *range(n, -1, -max(1, n // 4)), 0}, reverse=True))
+    if n not in ks:
+        ks = [n, *ks]  # the all-resident baseline
+    cond_slots = memory.COND_CACHE_TOKENS_SINGLE
+    kv_len, q_len = memory.kv_tokens(preset.infer_frames, w, h), memory.query_tokens(w, h)
+    dev, bf16 = torch.device(BENCH_DEVICE), torch.bfloat16
+    rate = copy_rate_gib_s()
+    print(f"{torch.cuda.get_device_name()}: {n} blocks of dim {dim}, ffn {ffn}, {heads} heads, "
+          f"{args.storage} storage, prefetch {args.prefetch}; {w}x{h}, {preset.infer_frames} "
+          f"frames/clip: {q_len} query tokens, {kv_len} + {cond_slots} cached per layer; pinned "
+          f"copy rate {rate:.1f} GiB/s (planner assumes {memory.PCIE_GIB_PER_S:g})")
+    with torch.no_grad():
+        host_blocks = []
+        for _ in range(n):  # built on the host, converted there: never whole on the GPU
+            blk = build_block(dim, ffn, torch.device("cpu"), bf16)
+            lv.quantise_linears(blk, args.storage)
+            host_blocks.append(_step_block(blk, heads))
+        angles = torch.rand(max(q_len, cond_slots), 1, dim // heads // 2, device=dev,
+                            dtype=torch.float64)
+        freqs = torch.polar(torch.ones_like(angles), angles)
+        x0 = torch.randn(1, q_len, dim, device=dev, dtype=bf16)
+        e = torch.randn(1, 6, dim, device=dev, dtype=torch.float32)
+        print(f"{'K':>4}{'swapped':>9}{'peak GiB':>10}{'plan GiB':>10}{'plan/meas':>10}"
+              f"{'ms/block':>10}{'vs all':>8}  targets")
+        baseline = None
+        for k in ks:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            handle = lv.apply_block_swap(host_blocks, resident=k, device=dev,
+                                         prefetch=args.prefetch)
+            caches = []
+            for _ in host_blocks:
+                shape = (1, kv_len, heads, dim // heads)
+                cond_shape = (1, cond_slots, heads, dim // heads)
+                caches.append({
+                    "k": torch.zeros(shape, device=dev, dtype=bf16),
+                    "v": torch.zeros(shape, device=dev, dtype=bf16),
+                    "cond_k": torch.randn(cond_shape, device=dev, dtype=bf16),
+                    "cond_v": torch.randn(cond_shape, device=dev, dtype=bf16),
+                    "ctx_k": torch.randn(1, memory.TEXT_TOKENS, heads, dim // heads,
+                                         device=dev, dtype=bf16),
+                    "ctx_v": torch.randn(1, memory.TEXT_TOKENS, heads, dim // heads,
+                                         device=dev, dtype=bf16),
+                })
+
+            def forward(caches: list[dict[str, Any]]) -> None:
+                x = x0
+                for blk, cache in zip(host_blocks, caches, strict=True):
+                    x = blk(x, e, cache, freqs)
+
+            forward(caches)  # warm-up (and the first prefetch)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                forward(caches)
+            torch.cuda.synchronize()
+            per_block = (time.perf_counter() - t0) / (args.steps * n)
+            peak = (torch.cuda.max_memory_allocated() - base) / GIB
+            plan = sum(memory.per_layer_estimate(preset, n, width=w, height=h, resident=k,
+                                                 storage=args.storage,
+                                                 prefetch=args.prefetch).values())
+            baseline = per_block if k == n else baseline
+            ratio = per_block / baseline if baseline else float("nan")
+            marks = [f"estimate {'ok' if abs(plan / peak - 1) <= 0.15 else 'MISSED'} (15%)"]
+            if 2 * k >= n:
+                marks.append(f"time {'ok' if ratio <= 1.3 else 'MISSED'} (1.3x)")
+            print(f"{k:>4}{n - k:>9}{peak:10.2f}{plan:10.2f}{plan / peak:10.2f}"
+                  f"{per_block * 1e3:10.1f}{ratio:8.2f}  {', '.join(marks)}")
+            handle.remove()
+            del caches
+            for blk in host_blocks:  # back to the host for the next K
+                blk.__dict__.pop("_apply", None)
+                blk.to("cpu")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import torch
@@ -128,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
     if preset.engine != "liveavatar":
         print(f"bench_memory_gpu: {args.preset} is not a liveavatar preset", file=sys.stderr)
         return 1
+    if args.levers:
+        return run_levers(args)
     plan = memory.per_layer_estimate(preset, args.layers, width=args.width, height=args.height)
     key_w, key_h = presets.parse_size(preset.size)
     w, h = args.width or key_w, args.height or key_h

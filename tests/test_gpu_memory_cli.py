@@ -78,16 +78,19 @@ def test_plan_needs_a_card_size_without_gpus(monkeypatch: pytest.MonkeyPatch) ->
     (0, 0, (9, 0), "cpu-preview"),
     (1, 80, (9, 0), "liveavatar-80gb"),
     (5, 80, (9, 0), "liveavatar-5x80gb"),
-    (1, 24, (8, 6), "cpu-preview"),
-    # 48 GB: fp8 (the only preset that fits one such card) needs compute capability 8.9+, so an
-    # RTX A6000 (8.6, 47.99 GiB) gets the CPU engine and an L40S (8.9, 44.99 GiB) the fp8 preset.
-    (1, 47.99, (8, 6), "cpu-preview"),
-    (1, 44.99, (8, 9), "liveavatar-48gb-fp8"),
+    (1, 24, (8, 6), "liveavatar-24gb"),  # the resident worker's levers, no fp8 needed
+    (1, 32, (12, 0), "liveavatar-32gb"),
+    (1, 16, (8, 6), "cpu-preview"),
+    # 48 GB: fp8 needs compute capability 8.9+: an RTX A6000 (8.6, 47.99 GiB) and an L40S
+    # (8.9, 44.99 GiB) must not both get an fp8 preset.
+    (1, 47.99, (8, 6), "A6000"),
+    (1, 44.99, (8, 9), "L40S"),
 ])
 def test_auto_preset_picks_what_fits(media: dict[str, Path], tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch, n: int, gb: float,
                                      cc: tuple[int, int], expected: str) -> None:
     fake_gpus(monkeypatch, n, gb, cc)
+    monkeypatch.setenv("AVATARCLI_HOST_MEM_GB", "256")  # a GPU server's RAM
     result = runner.invoke(app, ["gen", str(media["speech6"]), str(media["portrait"]),
                                  "-o", str(tmp_path / "x.mp4"), "-p", "auto", "--dry-run",
                                  "--json"])
@@ -123,3 +126,16 @@ def test_telemetry_is_recorded_per_batch(media: dict[str, Path], tmp_path: Path)
     assert "GPU n/a" in summary["telemetry"]["summary"]
     manifest = json.loads((tmp_path / "t.mp4.parts" / "manifest.json").read_text())
     assert all(p["telemetry"]["peak_rss_mb"] for p in manifest["parts"])
+
+
+def test_auto_preset_needs_the_host_ram_of_its_levers(media: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpus(monkeypatch, 1, 24, (8, 6))
+    monkeypatch.setenv("AVATARCLI_HOST_MEM_GB", "32")  # the 24 GB preset loads in ~48 GB
+    result = runner.invoke(app, ["gen", str(media["speech6"]), str(media["portrait"]),
+                                 "-o", str(tmp_path / "x.mp4"), "-p", "auto", "--dry-run"])
+    assert "preset auto: cpu-preview (" in result.output
+    monkeypatch.setenv("AVATARCLI_HOST_MEM_GB", "64")
+    result = runner.invoke(app, ["gen", str(media["speech6"]), str(media["portrait"]),
+                                 "-o", str(tmp_path / "x.mp4"), "-p", "auto", "--dry-run"])
+    assert "preset auto: liveavatar-24gb (" in result.output and "frames/s per GPU" in result.output

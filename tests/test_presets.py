@@ -7,7 +7,8 @@ import pytest
 from avatarcli import presets
 from avatarcli.errors import InputError
 
-BUILTIN = ["cpu-preview", "liveavatar-24gb", "liveavatar-48gb-fp8", "liveavatar-5x80gb",
+BUILTIN = ["cpu-preview", "liveavatar-24gb", "liveavatar-32gb", "liveavatar-48gb",
+           "liveavatar-48gb-fp8", "liveavatar-5x80gb",
            "liveavatar-80gb"]
 
 
@@ -30,7 +31,8 @@ def test_builtin_presets_load_and_validate(name: str) -> None:
 def test_builtin_values_mirror_gpu_budgets() -> None:
     p24 = presets.resolve("liveavatar-24gb").preset
     assert (p24.size, p24.offload, p24.online_decode) == ("384*256", True, True)
-    assert p24.infer_frames < 48 and p24.sample_steps < 4
+    assert p24.infer_frames < 48
+    assert (p24.liveavatar.resident_blocks, p24.liveavatar.weight_storage) == (20, "int8")
     assert p24.clips_per_batch < presets.resolve("liveavatar-80gb").preset.clips_per_batch
     assert presets.resolve("liveavatar-48gb-fp8").preset.liveavatar.fp8
     assert presets.resolve("liveavatar-5x80gb").preset.liveavatar.gpus_per_run == 5
