@@ -81,10 +81,10 @@ def test_plan_needs_a_card_size_without_gpus(monkeypatch: pytest.MonkeyPatch) ->
     (1, 24, (8, 6), "liveavatar-24gb"),  # the resident worker's levers, no fp8 needed
     (1, 32, (12, 0), "liveavatar-32gb"),
     (1, 16, (8, 6), "cpu-preview"),
-    # 48 GB: fp8 needs compute capability 8.9+: an RTX A6000 (8.6, 47.99 GiB) and an L40S
-    # (8.9, 44.99 GiB) must not both get an fp8 preset.
-    (1, 47.99, (8, 6), "A6000"),
-    (1, 44.99, (8, 9), "L40S"),
+    # 48 GB: fp8 needs compute capability 8.9+: the same 47.99 GiB card gets the bf16 lever
+    # preset at 8.6 (RTX A6000) and the fp8 one at 8.9 (L40S-class).
+    (1, 47.99, (8, 6), "liveavatar-48gb"),
+    (1, 47.99, (8, 9), "liveavatar-48gb-fp8"),
 ])
 def test_auto_preset_picks_what_fits(media: dict[str, Path], tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch, n: int, gb: float,
@@ -96,8 +96,8 @@ def test_auto_preset_picks_what_fits(media: dict[str, Path], tmp_path: Path,
                                  "--json"])
     assert f"preset auto: {expected} (" in result.output
     assert json.loads(result.stdout)["preset"] == expected
-    if gb == 47.99:  # says why the card's memory was not enough
-        assert "fp8 needs compute capability 8.9+" in result.output
+    if cc < (8, 9):  # never an fp8 preset below compute capability 8.9
+        assert not presets.resolve(expected).preset.liveavatar.fp8
 
 
 def test_doctor_without_gpu(tmp_path: Path) -> None:

@@ -260,3 +260,29 @@ def test_adapter_calls_match_upstream() -> None:
     if not (repo / "liveavatar" / "models" / "wan" / "causal_s2v_pipeline.py").is_file():
         pytest.skip(f"{repo}: no liveavatar/models/wan/causal_s2v_pipeline.py")
     _check_api(repo)
+
+
+def test_the_adapter_applies_the_memory_levers_to_the_pipeline(tmp_path: Path) -> None:
+    """Block swap and int8 storage on the stand-in pipeline's DiT, built with the DiT in host
+    memory: the ready event reports the placement of every block."""
+    import imageio_ffmpeg
+
+    from avatarcli.procs import free_port
+
+    cmd = [TORCHRUN, "--nproc_per_node=1", f"--master_port={free_port()}", str(ADAPTER),
+           "--ckpt_dir", "ckpt/Wan2.2-S2V-14B/",
+           "--training_config", "liveavatar/configs/s2v_causal_sft.yaml",
+           "--resident_blocks", "4", "--weight_storage", "int8", "--encoders", "cpu",
+           "--ffmpeg", imageio_ffmpeg.get_ffmpeg_exe()]
+    proc = subprocess.run(cmd, cwd=STANDIN, input='{"task": "exit"}\n', capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ready = json.loads(proc.stdout.splitlines()[0])
+    assert ready["event"] == "ready", ready
+    levers = ready["levers"]
+    assert levers["weight_storage"] == "int8" and levers["encoders"] == "cpu"
+    placement = levers["placement"]
+    assert len(placement) == 40
+    # 4 blocks resident, 36 waiting in host memory: the DiT is never whole on the device
+    assert len({p for p in placement}) == 2 and placement.count(placement[0]) in (4, 36)
+    assert levers["host_bytes"] > 0

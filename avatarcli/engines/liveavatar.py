@@ -160,6 +160,7 @@ class Adapter:
             raise self.error(ready, "loading the model")
         self.load_s = time.monotonic() - started
         self.gpu: dict[str, Any] = dict(ready.get("gpu") or {})
+        self.levers: dict[str, Any] = dict(ready.get("levers") or {})
 
     @staticmethod
     def _copy_log(stream: IO[bytes]) -> None:
@@ -241,7 +242,9 @@ class LiveAvatarEngine(Engine):
                                                         "lora_path")},
                            "training_config": o.training_config, "fp8": o.fp8,
                            "offload_kv_cache": o.offload_kv_cache, "env": o.env,
-                           "t5_cpu": "--t5_cpu" in o.extra_args}, sort_keys=True)
+                           "t5_cpu": "--t5_cpu" in o.extra_args,
+                           "levers": [o.resident_blocks, o.weight_storage, o.prefetch_blocks,
+                                      o.encoders]}, sort_keys=True)
 
     def take_over(self, previous: Engine) -> bool:
         if (isinstance(previous, LiveAvatarEngine) and previous._adapter is not None
@@ -278,6 +281,8 @@ class LiveAvatarEngine(Engine):
                *(["--fp8"] if o.fp8 else []),
                *(["--offload_kv_cache"] if o.offload_kv_cache else []),
                *(["--t5_cpu"] if "--t5_cpu" in o.extra_args else []),
+               "--resident_blocks", str(o.resident_blocks), "--weight_storage", o.weight_storage,
+               "--prefetch_blocks", str(o.prefetch_blocks), "--encoders", o.encoders,
                "--ffmpeg", ffmpeg_exe()]
         env = {"ENABLE_COMPILE": "true", "NCCL_DEBUG": "WARN", **o.env}
         return cmd, env
@@ -293,7 +298,8 @@ class LiveAvatarEngine(Engine):
                      shlex.join(cmd))
             self._adapter = Adapter(cmd, cwd=self.repo, env=env)
             self._loaded_now = True
-            log.info("model loaded in %.1f s", self._adapter.load_s)
+            log.info("model loaded in %.1f s%s", self._adapter.load_s,
+                     f"; levers: {self._adapter.levers}" if self._adapter.levers else "")
         with plus_free(inp.job_dir, f"{b.index:04d}") as job_dir:
             inside = lambda path: str(job_dir / path.relative_to(inp.job_dir))  # noqa: E731
             spec = {"task": "render", "audio": inside(self.audio_slice(task)),
@@ -353,6 +359,12 @@ class LiveAvatarEngine(Engine):
         if not procs.executable(torchrun, cwd=self.conf['repo'] or None):
             problems.append(f"{torchrun}: torchrun not found (liveavatar.torchrun: the torchrun "
                             f"of LiveAvatar's own environment)")
+        o = self.opts
+        if (o.resident_blocks < 40 or o.weight_storage != "bf16" or o.encoders != "gpu") \
+                and not renders_resident(self.preset):
+            problems.append("liveavatar.resident_blocks, weight_storage and encoders act only in "
+                            "a resident worker (one GPU, worker.max_batches > 1); upstream's "
+                            "script launch would ignore them and run out of memory")
         if self.preset.infer_frames % 12:
             warnings.append(f"infer_frames={self.preset.infer_frames} is not a multiple of 12; "
                             f"upstream denoises blocks of 3 latent frames (48 is the safe value)")

@@ -49,6 +49,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offload_kv_cache", action="store_true")
     p.add_argument("--t5_cpu", action="store_true")
     p.add_argument("--task", default="s2v-14B")
+    # Memory levers (liveavatar_levers.py, beside this file): defaults = upstream as it is.
+    p.add_argument("--resident_blocks", type=int, default=40)
+    p.add_argument("--weight_storage", choices=("bf16", "int8", "fp8"), default="bf16")
+    p.add_argument("--prefetch_blocks", type=int, default=1)
+    p.add_argument("--encoders", choices=("gpu", "cpu"), default="gpu")
     p.add_argument("--ffmpeg", required=True)
     return p.parse_args(argv)
 
@@ -65,8 +70,26 @@ class Channel:
         self.out.flush()
 
 
-def build(args: argparse.Namespace) -> Any:
-    """WanS2V as the single-GPU script builds it, LoRA attached, fp8 converted."""
+def load_levers() -> Any:
+    """liveavatar_levers.py from this file's folder, by path (avatarcli is not installed)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "liveavatar_levers.py")
+    spec = importlib.util.spec_from_file_location("avatarcli_liveavatar_levers", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def levers_asked(args: argparse.Namespace) -> bool:
+    return (args.resident_blocks < 40 or args.weight_storage != "bf16"
+            or args.encoders != "gpu")
+
+
+def build(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """WanS2V as the single-GPU script builds it, LoRA attached, fp8 converted, then the
+    memory levers applied (in the order liveavatar_levers documents); also what they did."""
     import torch
     import torch.distributed as dist
 
@@ -82,10 +105,18 @@ def build(args: argparse.Namespace) -> Any:
 
     cfg = WAN_CONFIGS[args.task]
     settings = parse_args_for_training_config(args.training_config)
-    pipe = WanS2V(config=cfg, checkpoint_dir=args.ckpt_dir, device_id=local_rank, rank=0,
-                  t5_fsdp=False, dit_fsdp=False, use_sp=False, sp_size=1, t5_cpu=args.t5_cpu,
-                  convert_model_dtype=True, single_gpu=True,
-                  offload_kv_cache=args.offload_kv_cache)
+    levers = load_levers() if levers_asked(args) else None
+    on_host = contextlib.nullcontext()
+    if levers is not None and (args.resident_blocks < 40 or args.weight_storage != "bf16"):
+        # The DiT is loaded in host memory and never placed whole on the GPU.
+        from liveavatar.models.wan.causal_model_s2v import CausalWanModel_S2V
+
+        on_host = levers.dit_loaded_on_host(CausalWanModel_S2V)
+    with on_host:
+        pipe = WanS2V(config=cfg, checkpoint_dir=args.ckpt_dir, device_id=local_rank, rank=0,
+                      t5_fsdp=False, dit_fsdp=False, use_sp=False, sp_size=1,
+                      t5_cpu=args.t5_cpu, convert_model_dtype=True, single_gpu=True,
+                      offload_kv_cache=args.offload_kv_cache)
     if args.lora_path:
         pipe.noise_model = pipe.add_lora_to_model(
             pipe.noise_model, lora_rank=settings["lora_rank"], lora_alpha=settings["lora_alpha"],
@@ -98,7 +129,18 @@ def build(args: argparse.Namespace) -> Any:
         from liveavatar.utils.fp8_linear import replace_linear_with_scaled_fp8
 
         replace_linear_with_scaled_fp8(pipe.noise_model, ignore_keys=list(FP8_IGNORE))
-    return pipe
+    facts: dict[str, Any] = {}
+    if levers is not None:
+        swap = levers.apply_levers(pipe, resident_blocks=args.resident_blocks,
+                                   weight_storage=args.weight_storage,
+                                   prefetch_blocks=args.prefetch_blocks,
+                                   offload_kv_cache=args.offload_kv_cache,
+                                   encoders=args.encoders)
+        facts = {"resident_blocks": args.resident_blocks, "weight_storage": args.weight_storage,
+                 "encoders": args.encoders,
+                 "placement": swap.placement() if swap is not None else None,
+                 "host_bytes": swap.host_bytes() if swap is not None else 0}
+    return pipe, facts
 
 
 def gpu_memory() -> dict[str, Any]:
@@ -190,13 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.getcwd())
     started = time.monotonic()
     try:
-        pipe = build(args)
+        pipe, levers = build(args)
     except BaseException as exc:
         channel.send(event="error", kind=_kind(exc), message=_message(exc))
         traceback.print_exc()
         return 1
     channel.send(event="ready", load_s=round(time.monotonic() - started, 3), pid=os.getpid(),
-                 gpu=gpu_memory())
+                 gpu=gpu_memory(), levers=levers)
     for line in sys.stdin:
         if not line.strip():
             continue

@@ -50,7 +50,17 @@ class WanS2V:
         self.config, self.rank, self.device_id = config, rank, device_id
         self.single_gpu, self.offload_kv_cache, self.t5_cpu = single_gpu, offload_kv_cache, t5_cpu
         self.init_on_cpu = init_on_cpu and not (t5_fsdp or dit_fsdp or use_sp)  # pipeline:115
-        self.noise_model: Any = SimpleNamespace(lora=None)  # the DiT: no weights here
+        import torch
+        from liveavatar.models.wan.causal_model_s2v import CausalWanModel_S2V
+
+        self.device = torch.device("cpu")  # upstream: cuda:{device_id} (pipeline:102)
+        # The DiT as the pipeline loads it (pipeline:156-162): straight onto its device.
+        self.noise_model: Any = CausalWanModel_S2V.from_pretrained(checkpoint_dir,
+                                                                   device_map=self.device)
+        self.noise_model.lora = None
+        self.kv_cache1: dict[str, Any] = {}
+        self.text_encoder = SimpleNamespace(model=torch.nn.Linear(4, 4))  # T5 stand-in
+        self.audio_encoder = SimpleNamespace(model=torch.nn.Linear(4, 4))  # wav2vec2 stand-in
         loads = os.environ.get("LIVEAVATAR_STANDIN_LOADS")
         if loads:
             with open(loads, "a", encoding="utf-8") as f:
@@ -58,6 +68,18 @@ class WanS2V:
         delay = _env_float("LIVEAVATAR_STANDIN_LOAD_S")
         if delay > 0:
             time.sleep(delay)
+
+    def _initialize_kv_cache(self, batch_size: int, dtype: Any, device: Any, gpu_id: int,
+                             kv_cache_size: int = 13500) -> None:
+        """pipeline:601-630 (tiny shapes): one cache of k/v/cond_k/cond_v per layer."""
+        import torch
+
+        self.kv_cache1[str(gpu_id)] = [
+            {name: torch.zeros(batch_size, 4, 2, 2) for name in ("k", "v", "cond_k", "cond_v")}
+            for _ in range(self.noise_model.num_layers)]
+
+    def _move_kv_cache_to_working_gpu(self, moved_id: int, gpu_id: int = 0) -> None:
+        """pipeline:632-648: the cache of step `moved_id` to the working device or back."""
 
     def add_lora_to_model(self, model: Any, lora_rank: int = 4, lora_alpha: float = 4,
                           lora_target_modules: str = "q,k,v,o,ffn.0,ffn.2",
