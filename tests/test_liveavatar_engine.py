@@ -42,7 +42,9 @@ def gen(media: dict[str, Path], out: Path, lora: Path, *extra: str, mode: str = 
     return subprocess.run(
         [sys.executable, "-m", "avatarcli", "gen", str(media["speech6"]), str(media["portrait"]),
          "-o", str(out), "-p", "liveavatar-24gb", "--set", "liveavatar.env={ENABLE_COMPILE: false}",
-         "--set", "cooldown_s=0", "--set", "worker.max_batches=1", "--json", *extra],
+         "--set", "cooldown_s=0", "--set", "worker.max_batches=1",
+         # the script launch: upstream as it is, no resident worker levers
+         "--set", "liveavatar.resident_blocks=40", "--set", "liveavatar.weight_storage=bf16", "--json", *extra],
         capture_output=True, text=True, timeout=300, env=run_env, stdin=subprocess.DEVNULL)
 
 

@@ -298,7 +298,8 @@ def test_finished_video_is_in_sync_upright_and_the_planned_size(media: dict[str,
          "--set", f"liveavatar.torchrun={TORCHRUN}", "--set", f"liveavatar.lora_path={lora}",
          "--set", "liveavatar.env={ENABLE_COMPILE: false}", "--set", "cooldown_s=0",
          "--set", "clips_per_batch=2", "--gpus", "0,1", "--json",
-         "--set", f"worker.max_batches={max_batches}"],
+         "--set", f"worker.max_batches={max_batches}",
+         *([] if max_batches > 1 else ["--set", "liveavatar.resident_blocks=40", "--set", "liveavatar.weight_storage=bf16"])],
         capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
@@ -350,3 +351,12 @@ def test_plan_gives_a_host_ram_verdict() -> None:
     assert enough.exit_code == 0
     data = json.loads(enough.output)
     assert data["host_fits"] and data["gpu_fits"] and data["fits"]
+
+
+def test_levers_without_a_resident_worker_are_refused(tmp_path: Path) -> None:
+    # The script launch would ignore them and run out of memory on the card they were for.
+    engine, _ = _task(tmp_path, "liveavatar-24gb", overrides={"worker": {"max_batches": 1}})
+    problems, _ = engine.check_setup()
+    assert any("act only in a resident worker" in p for p in problems)
+    resident, _ = _task(tmp_path, "liveavatar-24gb")
+    assert not any("resident worker" in p for p in resident.check_setup()[0])

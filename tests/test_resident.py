@@ -83,7 +83,8 @@ def test_max_batches_1_is_a_fresh_launch_per_batch(media: dict[str, Path], tmp_p
                                                    lora: Path) -> None:
     record = tmp_path / "record"
     run = gen(media, tmp_path / "t.mp4", lora, tmp_path, "--set", "clips_per_batch=2",
-              "--set", "worker.max_batches=1", env={"LIVEAVATAR_STANDIN_RECORD": str(record)})
+              "--set", "worker.max_batches=1", "--set", "liveavatar.resident_blocks=40", "--set", "liveavatar.weight_storage=bf16",
+              env={"LIVEAVATAR_STANDIN_RECORD": str(record)})
     assert run.returncode == 0, run.stderr
     assert loads(tmp_path) == 0 and len(list(record.glob("*.json"))) == 3  # the script, 3 times
     assert json.loads(run.stdout)["workers"] == []
