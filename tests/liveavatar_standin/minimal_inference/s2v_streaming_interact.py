@@ -459,6 +459,9 @@ class FakeS2V:
                 raise FileNotFoundError(
                     f"[Errno 2] No such file or directory: '{os.path.join(ckpt, name)}'")
         log.info("Creating WanModel from %s", ckpt)
+        load = _env_float("LIVEAVATAR_STANDIN_LOAD_S", 0.0)  # "loading the weights"
+        if load > 0:
+            time.sleep(load)
 
     def load_lora(self, path: str, settings: dict[str, Any]) -> None:
         print(f"Use LoRA: lora path: {path}, lora rank:", settings["lora_rank"],
@@ -517,6 +520,9 @@ class FakeS2V:
         if self.launch.world_size > 1 and args.sample_steps != KV_CACHE_STEPS:
             self._tpp_wait_forever()
         delay = _env_float("LIVEAVATAR_STANDIN_DELAY", 0.0)
+        rate = _env_float("LIVEAVATAR_STANDIN_RENDER_FPS", 0.0)  # frames/s of "denoising"
+        frames = clips * args.infer_frames - FIRST_CLIP_DROP
+        delay += frames / rate if rate > 0 else 0.0
         if delay > 0:
             time.sleep(delay)
         if self.launch.world_size == 1 and not args.offload_model:
