@@ -6,6 +6,7 @@ Every Ray instance here is local: `address="local"` (one node, 2 CPUs) or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -451,8 +452,14 @@ def test_removing_a_node_mid_job_still_gives_a_whole_output(
         return parent is not None and parent.ppid() == raylet
 
     batch, index = catch_batch(job_dir, thread, accept=on_worker_node)
+    # Hold the caught batch still while its node goes: a quiet machine could otherwise finish
+    # it in the moment between catching and removing, and there would be nothing to retry.
+    batch.suspend()
+    assert not JobDir(job_dir).part(index).exists(), "the caught batch had already finished"
     cluster.remove_node(node, allow_graceful=False)
     rays.worker_node = None
+    with contextlib.suppress(psutil.Error):
+        batch.resume()  # it then finds its parent gone and stops itself
     assert gone(batch, 30), "the batch process outlived its node"
     thread.join(timeout=150)
     assert not thread.is_alive() and "error" not in box, box.get("error")
