@@ -99,6 +99,10 @@ def test_dry_run_says_which_batches_each_worker_takes(media: dict[str, Path], tm
     n = summary["batches"]
     assert n > 4
     assert [w["batches"] for w in summary["workers"]] == [[0, 1, 2, 3], list(range(4, n))]
+    # the command shown is what starts the resident model process, not the script launch
+    command = summary["plan"][0]["command"]
+    assert str(ADAPTER) in command and "s2v_streaming_interact.py" not in command
+    assert "--resident_blocks 20 --weight_storage int8" in command  # the 24 GB preset's levers
 
 
 def test_a_leaking_model_is_replaced_at_the_watermark(media: dict[str, Path], tmp_path: Path,

@@ -506,6 +506,13 @@ class LiveAvatarEngine(Engine):
         return cmd, env
 
     def describe(self, task: PartTask) -> str:
+        if renders_resident(self.preset):  # what starts the resident worker's model process
+            cmd, env = self.adapter_command(task.env.get("MASTER_PORT") or str(procs.free_port()))
+            if "CUDA_VISIBLE_DEVICES" in task.env:
+                env["CUDA_VISIBLE_DEVICES"] = task.env["CUDA_VISIBLE_DEVICES"]
+            assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+            return (f"cd {shlex.quote(str(self.repo))} && {assigns} {shlex.join(cmd)}  "
+                    f"# resident model process; batch {task.batch.index} goes to it as a task")
         cmd, env = self.command(task)
         assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         return f"cd {shlex.quote(str(self.repo))} && {assigns} {shlex.join(cmd)}"
