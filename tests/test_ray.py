@@ -454,10 +454,16 @@ def test_removing_a_node_mid_job_still_gives_a_whole_output(
     batch, index = catch_batch(job_dir, thread, accept=on_worker_node)
     # Hold the caught batch still while its node goes: a quiet machine could otherwise finish
     # it in the moment between catching and removing, and there would be nothing to retry.
+    ray_worker = batch.parent()
     batch.suspend()
     assert not JobDir(job_dir).part(index).exists(), "the caught batch had already finished"
     cluster.remove_node(node, allow_graceful=False)
     rays.worker_node = None
+    # Let it go only once the node's Ray worker (its parent) is dead: resumed earlier, it could
+    # finish and be reported before that worker noticed its raylet was gone.
+    if ray_worker is not None:
+        _, alive = psutil.wait_procs([ray_worker], timeout=30)
+        assert not alive, "the removed node's Ray worker outlived it"
     with contextlib.suppress(psutil.Error):
         batch.resume()  # it then finds its parent gone and stops itself
     assert gone(batch, 30), "the batch process outlived its node"
