@@ -64,3 +64,12 @@ def reference_md5s(media: dict[str, Path],
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def lora(tmp_path: Path) -> Path:
+    """A local LiveAvatar LoRA file for the stand-in checkout (no weights)."""
+    path = tmp_path / "lora" / "liveavatar.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(b"stand-in weights")
+    return path

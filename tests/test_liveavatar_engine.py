@@ -19,14 +19,6 @@ STANDIN = Path(__file__).resolve().parent / "liveavatar_standin"
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
-@pytest.fixture
-def lora(tmp_path: Path) -> Path:
-    path = tmp_path / "lora" / "liveavatar.safetensors"
-    path.parent.mkdir()
-    path.write_bytes(b"stand-in weights")
-    return path
-
-
 def gen(media: dict[str, Path], out: Path, lora: Path, *extra: str, mode: str = "success",
         record: Path | None = None, env: dict[str, str] | None = None,
         ) -> subprocess.CompletedProcess[str]:

@@ -26,14 +26,6 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 ADAPTER = Path(liveavatar_adapter.__file__)
 
 
-@pytest.fixture
-def lora(tmp_path: Path) -> Path:
-    path = tmp_path / "lora" / "liveavatar.safetensors"
-    path.parent.mkdir()
-    path.write_bytes(b"stand-in weights")
-    return path
-
-
 def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "AVATARCLI_HOST_MEM_GB": "256",
             "LIVEAVATAR_STANDIN_LOADS": str(tmp_path / "loads"), **extra}
