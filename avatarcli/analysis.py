@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avatarcli import media
+from avatarcli.media import streams
 
 VOICED_BAND_HZ = (80.0, 1000.0)  # vowels and voiced consonants carry most energy here
 FULL_BAND_HZ = (80.0, 7000.0)
@@ -42,7 +42,7 @@ class AudioFeatures:
 
 def analysis_rate(fps: int) -> int:
     """A rate near 16 kHz with a whole number of samples per video frame."""
-    return fps * max(1, round(media.ANALYSIS_RATE / fps))
+    return fps * max(1, round(streams.ANALYSIS_RATE / fps))
 
 
 def frame_count(duration_s: float, fps: int) -> int:
@@ -64,7 +64,7 @@ def analyse(path: Path, fps: int) -> AudioFeatures:
     stats: list[np.ndarray] = []
     carry = np.zeros(0, np.float32)
     total = 0
-    for chunk in media.decode_audio_chunks(path, rate=rate, chunk_samples=spf * 250):
+    for chunk in streams.decode_audio_chunks(path, rate=rate, chunk_samples=spf * 250):
         total += len(chunk)
         buf = np.concatenate([carry, chunk]) if carry.size else chunk
         whole = len(buf) // spf * spf

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from avatarcli import analysis, ffmpeg, media
+from avatarcli import analysis
 from avatarcli.errors import InputError
+from avatarcli.media import ffmpeg_bin, streams
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def scan_frames(path: Path, width: int, height: int) -> FrameStats:
     w, h = _analysis_size(width, height)
     args = ["-v", "error", "-i", str(path), "-map", "0:v:0",
             "-vf", f"scale={w}:{h}:flags=area", "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:"]
-    proc = ffmpeg.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = ffmpeg_bin.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     frame_bytes = w * h * 3
     diff: list[float] = []
@@ -206,7 +207,7 @@ def scan_frames(path: Path, width: int, height: int) -> FrameStats:
             proc.kill()
             proc.wait()
     if code != 0 and not luma:
-        raise InputError(f"{path}: cannot decode the video ({ffmpeg.tail(err, 1)})")
+        raise InputError(f"{path}: cannot decode the video ({ffmpeg_bin.tail(err, 1)})")
     return FrameStats(diff=np.asarray(diff, np.float64),
                       coarse=np.asarray(coarse, np.float64), luma=np.asarray(luma, np.float64),
                       spread=np.asarray(spread, np.float64),
@@ -322,7 +323,7 @@ def check(video: Path, audio: Path | None = None, *,
         raise InputError(f"{video}: video file not found")
     if audio is not None and not audio.is_file():
         raise InputError(f"{audio}: audio file not found")
-    info = media.probe(video)
+    info = streams.probe(video)
     vstream = info.first("video")
     if info.format.endswith("_pipe") or info.format.startswith("image2"):
         raise InputError(f"{video}: an image, not a video")
@@ -336,7 +337,7 @@ def check(video: Path, audio: Path | None = None, *,
     own_audio = info.first("audio") is not None
     source = audio if audio is not None else (video if own_audio else None)
     if audio is not None:
-        a_info = media.probe(audio)
+        a_info = streams.probe(audio)
         if a_info.first("audio") is None:
             raise InputError(f"{audio}: no audio stream")
     items["streams"] = Item(

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from avatarcli import ffmpeg, gpus
+from avatarcli import gpus
+from avatarcli.media import ffmpeg_bin
 from avatarcli.options import Preset
 
 log = logging.getLogger(__name__)
@@ -97,14 +98,14 @@ def _guard(name: str, fn: Callable[[], list[Check]]) -> list[Check]:
 
 def check_ffmpeg() -> list[Check]:
     try:
-        exe = ffmpeg.ffmpeg_exe()
+        exe = ffmpeg_bin.ffmpeg_exe()
     except Exception as exc:  # InputError with the ways to get one
         return [Check("ffmpeg", "fail", str(exc),
                       "install ffmpeg (apt install ffmpeg), set FFMPEG_BINARY, or "
                       "pip install imageio-ffmpeg")]
-    found = ffmpeg.encoders()
+    found = ffmpeg_bin.encoders()
     missing = [e for e in REQUIRED_ENCODERS if e not in found]
-    detail = f"{exe} (version {ffmpeg.version()})"
+    detail = f"{exe} (version {ffmpeg_bin.version()})"
     if missing:
         return [Check("ffmpeg", "fail", f"{detail}: encoders missing: {', '.join(missing)}",
                       "use an ffmpeg built with libx264 and aac (FFMPEG_BINARY=/path/to/ffmpeg, "

@@ -17,20 +17,21 @@ from typing import Any
 
 import numpy as np
 
-from avatarcli import analysis, engines, history, media, portrait, presets
-from avatarcli.assemble import assemble
+from avatarcli import analysis, engines, history, presets
 from avatarcli.check import seam_tag
 from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, InputError
-from avatarcli.ffmpeg import ffmpeg_exe
 from avatarcli.job import JobDir, JobLock, file_digest, job_key, now, part_digest
+from avatarcli.media import portrait, streams
+from avatarcli.media.assemble import assemble
+from avatarcli.media.ffmpeg_bin import ffmpeg_exe
+from avatarcli.media.verify import is_whole
 from avatarcli.options import NON_RENDERING_KEYS, RESTARTING_ENGINES, Preset
 from avatarcli.plan import Plan, lead_frames, make_plan, render_range
 from avatarcli.presets import ResolvedPreset, parse_size
 from avatarcli.resident import ResidentPool
 from avatarcli.runner import BatchResult, Executor, Hooks, Resident, Runner, batch_timeout_s
 from avatarcli.telemetry import Telemetry, aggregate
-from avatarcli.verify import is_whole
 
 log = logging.getLogger(__name__)
 TAG_PREFIX = "avatarcli job "  # the output's comment tag: which job made it
@@ -219,7 +220,7 @@ def _check_paths(audio: Path, image: Path, output: Path, *, force: bool,
 
 
 def _check_audio(audio: Path) -> None:
-    info = media.probe(audio)
+    info = streams.probe(audio)
     if info.first("audio") is None:
         if info.format.endswith("_pipe") or info.format.startswith("image2"):
             kind = "not an audio file (it is an image)"
@@ -458,7 +459,7 @@ def output_is_current(output: Path, audio: Path, image: Path, preset: Preset) ->
     if not output.is_file():
         return False
     try:
-        info = media.probe(output)
+        info = streams.probe(output)
     except AvatarError:
         return False
     if info.first("video") is None or info.first("audio") is None:
@@ -511,7 +512,7 @@ def _decode_timeline(job: JobDir, audio: Path, feats: analysis.AudioFeatures,
                      plan: Plan) -> None:
     """Decode the recording once into the job (`audio.wav`); slicing and muxing use only
     that file, so the length planned is the length muxed, on every run."""
-    seconds = media.decode_to_wav(audio, job.audio)
+    seconds = streams.decode_to_wav(audio, job.audio)
     if analysis.frame_count(seconds, plan.fps) != plan.frames:
         job.audio.unlink(missing_ok=True)
         raise InputError(f"{audio}: decodes to {feats.duration_s:.3f} s in one pass and "

@@ -55,7 +55,7 @@ def user_dir() -> Path:
 
 
 def _builtin_dir() -> Path:
-    return Path(str(resources.files("avatarcli.builtin_presets")))
+    return Path(str(resources.files("avatarcli") / "builtin_presets"))
 
 
 def available() -> dict[str, PresetInfo]:

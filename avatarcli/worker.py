@@ -29,9 +29,9 @@ from avatarcli import engines, presets
 from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, EnvironmentProblem, OutOfMemoryError, from_os_error
 from avatarcli.job import JobDir
+from avatarcli.media.verify import check_video
 from avatarcli.options import Preset
 from avatarcli.plan import Plan, render_range
-from avatarcli.verify import check_video
 
 log = logging.getLogger("avatarcli.worker")
 

@@ -26,13 +26,11 @@ import cv2
 import numpy as np
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fixtures
-
-from avatarcli import ffmpeg, presets
+from avatarcli import demo, presets
 from avatarcli.engines.builtin.animate import Animator, mouth_openness
 from avatarcli.engines.builtin.face import fallback_layout, find_face
-from avatarcli.portrait import fit, load
+from avatarcli.media import ffmpeg_bin
+from avatarcli.media.portrait import fit, load
 
 SIZE = 512
 FPS = 25
@@ -98,7 +96,7 @@ def ffmpeg_alone(image: Path, frames: int, workdir: Path) -> float:
     raw.write_bytes(b"".join(cv2.cvtColor(f, cv2.COLOR_RGB2YUV_I420).tobytes()
                              for f in rgb_frames))
     t0 = time.perf_counter()
-    ffmpeg.run(["-v", "error", "-y", "-stream_loop", "-1", "-f", "rawvideo", "-pix_fmt", "yuv420p",
+    ffmpeg_bin.run(["-v", "error", "-y", "-stream_loop", "-1", "-f", "rawvideo", "-pix_fmt", "yuv420p",
                 "-s", f"{SIZE}x{SIZE}", "-framerate", str(FPS), "-i", str(raw),
                 "-frames:v", str(frames), *x264_args(), str(workdir / "alone.mp4")])
     return time.perf_counter() - t0
@@ -109,8 +107,9 @@ def stages(audio: Path, image: Path, out: Path, workdir: Path) -> list[tuple[str
 
     `out` is the output of a finished run (its part and output are re-verified here).
     """
-    from avatarcli import analysis, assemble, media
+    from avatarcli import analysis
     from avatarcli.engines.builtin.animate import mouth_spread
+    from avatarcli.media import assemble, streams
 
     def timed(fn: object) -> float:
         t0 = time.perf_counter()
@@ -152,9 +151,9 @@ def stages(audio: Path, image: Path, out: Path, workdir: Path) -> list[tuple[str
     rows.append((f"x264 encode {n} frames (ffmpeg alone)", ffmpeg_alone(image, n, workdir)))
     part = workdir / "alone.mp4"
     rows.append(("verify a part: full decode (before)",
-                 timed(lambda: media.video_frames(part, decode=True))))
+                 timed(lambda: streams.video_frames(part, decode=True))))
     rows.append(("verify a part: packet count (now)",
-                 timed(lambda: media.video_frames(part, decode=False))))
+                 timed(lambda: streams.video_frames(part, decode=False))))
     joined = workdir / "joined.mp4"
     rows.append(("assembly (concat + AAC 192k + verify)", timed(lambda: assemble.assemble(
         [part], audio, joined, audio_s=feats[0].duration_s, frames=n, width=SIZE, height=SIZE,
@@ -175,8 +174,8 @@ def main() -> None:
     X264_PRESET = args.x264_preset
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="avatar-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    image = fixtures.portrait(workdir / "portrait.png", size=SIZE)
-    short = fixtures.speech_track(workdir / "short.wav", seconds=args.seconds, seed=1)
+    image = demo.portrait(workdir / "portrait.png", size=SIZE)
+    short = demo.speech_track(workdir / "short.wav", seconds=args.seconds, seed=1)
 
     wall, peaks_short, summary = run_gen(short, image, workdir / "short.mp4")
     frames = summary["frames"]
@@ -196,7 +195,7 @@ def main() -> None:
             print(f"  {name:50s} {secs:6.3f}")
 
     if args.long_seconds > 0:
-        long = fixtures.speech_track(workdir / "long.wav", seconds=args.long_seconds, seed=2)
+        long = demo.speech_track(workdir / "long.wav", seconds=args.long_seconds, seed=2)
         wall_long, peaks_long, summary_long = run_gen(long, image, workdir / "long.mp4")
         frames_long = summary_long["frames"]
         alone_long = ffmpeg_alone(image, frames_long, workdir)

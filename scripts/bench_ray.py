@@ -2,7 +2,7 @@
 
     python scripts/bench_ray.py [--seconds 600] [--jobs 2] [--workdir DIR] [--set KEY=VALUE ...]
 
-Renders SECONDS of generated speech (scripts/fixtures.py) with the default preset (plus any
+Renders SECONDS of generated speech (avatarcli/demo.py) with the default preset (plus any
 --set), once with local batch processes and once as tasks of a local Ray instance with JOBS
 CPUs (each `--jobs` batches at a time), then prints both wall times, and the Ray overhead per
 batch: how much longer the driver waited for a batch (submit -> last item received) than the
@@ -13,7 +13,6 @@ Both outputs must have the same decoded frames.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import shutil
 import statistics
@@ -49,9 +48,9 @@ def overheads(job_dir: Path) -> list[float]:
 
 
 def frames_md5(path: Path) -> str:
-    fixtures = importlib.import_module("fixtures")
-    digest: str = fixtures.video_frames_md5(path)
-    return digest
+    from avatarcli.media.streams import video_frames_md5
+
+    return video_frames_md5(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                     metavar="KEY=VALUE", help="preset override, e.g. clips_per_batch=10")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    fixtures = importlib.import_module("fixtures")
+    from avatarcli import demo
     from avatarcli.ray_executor import RayExecutor
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-ray-"))
@@ -73,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     ray_temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     try:
         t0 = time.perf_counter()
-        audio = fixtures.speech_track(workdir / f"speech{args.seconds:g}.wav",
+        audio = demo.speech_track(workdir / f"speech{args.seconds:g}.wav",
                                       seconds=args.seconds, seed=7)
-        image = fixtures.portrait(workdir / "portrait.png")
+        image = demo.portrait(workdir / "portrait.png")
         print(f"inputs: {args.seconds:g} s of speech in {time.perf_counter() - t0:.1f} s")
 
         local_s, local = render(audio, image, workdir / "local.mp4", args.settings, args.jobs,

@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from avatarcli import demo  # offline speech and a portrait
+
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "liveavatar_standin"
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import fixtures  # noqa: E402  (offline speech and a portrait)
 
 
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str, Any]]:
@@ -55,8 +54,8 @@ def main() -> int:
     torchrun = str(Path(sys.executable).parent / "torchrun")
     lora = work / "liveavatar.safetensors"
     lora.write_bytes(b"stand-in")
-    portrait = fixtures.portrait(work / "portrait.png", size=384)
-    speech = fixtures.speech_track(work / "speech.wav", seconds=args.seconds, seed=3)
+    portrait = demo.portrait(work / "portrait.png", size=384)
+    speech = demo.speech_track(work / "speech.wav", seconds=args.seconds, seed=3)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AVATARCLI_HOST_MEM_GB": "256",
            "LIVEAVATAR_STANDIN_LOAD_S": str(args.load),
            "LIVEAVATAR_STANDIN_RENDER_FPS": str(args.rate)}
@@ -106,7 +105,7 @@ def main() -> int:
 
     rows_dir = work / "rows"
     rows_dir.mkdir()
-    short = fixtures.speech_track(rows_dir / "short.wav", seconds=3.0, seed=4)
+    short = demo.speech_track(rows_dir / "short.wav", seconds=3.0, seed=4)
     for label, max_batches in (("resident", 20), ("per-row", 1)):
         csv = rows_dir / f"{label}.csv"
         csv.write_text("audio,image,output,preset,prompt,set\n" + "".join(

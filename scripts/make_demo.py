@@ -12,33 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import fixtures
-
-DEMO_SENTENCES = (
-    "Hello! This is a short demo of avatar C L I.",
-    "It turns a voice recording and one portrait into a talking video.",
-    "Everything runs offline, right here on your own computer.",
-)
-DEMO_SECONDS = 12.0
-
-
-def demo_speech(path: Path) -> Path:
-    """The demo sentences with natural pauses, padded with silence to 12 s (22050 Hz mono)."""
-    rate = fixtures.SAMPLE_RATE
-    pauses = (0.25, 0.55, 0.45)  # silence before each sentence
-    parts: list[np.ndarray] = []
-    for pause, text in zip(pauses, DEMO_SENTENCES, strict=True):
-        parts.append(np.zeros(round(pause * rate), dtype=np.int16))
-        parts.append(fixtures.synth_samples(text, rate_wpm=165))
-    audio = np.concatenate(parts)
-    target = round(DEMO_SECONDS * rate)
-    if audio.size < target:
-        audio = np.concatenate([audio, np.zeros(target - audio.size, dtype=np.int16)])
-    return fixtures.write_wav(path, audio, rate)
+from avatarcli import demo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     outdir: Path = args.outdir
     outdir.mkdir(parents=True, exist_ok=True)
     try:
-        speech = demo_speech(outdir / "speech.wav")
-        image = fixtures.portrait(outdir / "portrait.png", size=512)
+        speech = demo.demo_speech(outdir / "speech.wav")
+        image = demo.portrait(outdir / "portrait.png", size=512)
     except RuntimeError as exc:  # a missing optional dependency, with its pip hint
         print(f"make_demo: {exc}", file=sys.stderr)
         return 1

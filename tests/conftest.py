@@ -6,12 +6,10 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import fixtures  # tests/fixtures.py: offline speech and portraits
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import fixtures  # noqa: E402  (scripts/fixtures.py: offline speech and portraits)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from avatarcli import media as m
 from avatarcli.cli import app
+from avatarcli.media import streams as m
 
 runner = CliRunner()
 

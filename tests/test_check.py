@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from avatarcli import check, ffmpeg, presets
+from avatarcli import check, presets
 from avatarcli.cli import app
+from avatarcli.media import ffmpeg_bin
 from avatarcli.pipeline import generate
 
 FPS = 25
@@ -51,7 +52,7 @@ def remux(video: Path, dst: Path, *vf: str, audio: Path | None = None,
         args += ["-map", "0:v:0", "-c:v", "copy"]
     args += ["-map", "1:a:0"]
     args += ["-c:a", "aac", str(dst)]
-    ffmpeg.run(args)
+    ffmpeg_bin.run(args)
     return dst
 
 
@@ -100,7 +101,7 @@ def test_the_videos_own_track_is_the_default_audio(render: Path, media: dict[str
 def test_static_portrait_with_speech_is_not_called_in_sync(media: dict[str, Path],
                                                            tmp_path: Path) -> None:
     still = tmp_path / "still.mp4"
-    ffmpeg.run(["-v", "error", "-y", "-loop", "1", "-framerate", str(FPS),
+    ffmpeg_bin.run(["-v", "error", "-y", "-loop", "1", "-framerate", str(FPS),
                 "-i", str(media["portrait"]), "-i", str(media["speech6"]), "-t", "6",
                 "-vf", "scale=256:256", "-c:v", "libx264", "-preset", "ultrafast",
                 "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(still)])
@@ -180,9 +181,9 @@ def test_a_render_that_talks_most_of_the_time_is_in_sync(media: dict[str, Path],
                                                          tmp_path: Path) -> None:
     # The demo's speech: three sentences with short pauses, the mouth open most of the time
     # (a "resting look" taken as the median frame would be an open mouth here).
-    import make_demo
+    from avatarcli import demo
 
-    speech = make_demo.demo_speech(tmp_path / "demo.wav")
+    speech = demo.demo_speech(tmp_path / "demo.wav")
     out = tmp_path / "demo.mp4"
     resolved = presets.resolve(None, presets.parse_set(["size=256*256"]))
     generate(speech, media["portrait"], resolved, output=out)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from standin_model import frame_loudness, read_stamps, read_wav_mono
 
-from avatarcli import media as m
+from avatarcli.media import streams as m
 
 pytestmark = pytest.mark.slow
 STANDIN = Path(__file__).resolve().parent / "standin_model.py"

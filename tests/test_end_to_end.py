@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import LOSSLESS
 
-from avatarcli import ffmpeg as ff
-from avatarcli import media as m
+from avatarcli.media import ffmpeg_bin as ff
+from avatarcli.media import streams as m
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,14 @@ import sys
 import wave
 from pathlib import Path
 
+import fixtures
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
+from avatarcli import demo
+from avatarcli.media import ffmpeg_bin
 
-import fixtures  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("espeakng_loader")
 pytest.importorskip("skimage")
@@ -78,7 +79,7 @@ def test_synth_speech_is_deterministic_across_calls(tmp_path: Path) -> None:
     text = "Repeat after me: the same words, the same samples."
     a = fixtures.synth_speech(text, tmp_path / "a.wav")
     fixtures.synth_speech("Something else in between, to move it on.", tmp_path / "x.wav")
-    fixtures._synth_cached.cache_clear()  # really synthesise again
+    demo._synth_cached.cache_clear()  # really synthesise again
     b = fixtures.synth_speech(text, tmp_path / "b.wav")
     assert a.read_bytes() == b.read_bytes()
 
@@ -87,8 +88,8 @@ def test_synth_speech_deterministic_in_a_fresh_process(tmp_path: Path) -> None:
     text = fixtures.SENTENCES[0]
     here = fixtures.synth_speech(text, tmp_path / "here.wav")
     code = (
-        f"import sys; sys.path.insert(0, {str(REPO / 'scripts')!r}); import fixtures; "
-        f"from pathlib import Path; fixtures.synth_speech({text!r}, Path(sys.argv[1]))"
+        f"import sys; from avatarcli import demo; "
+        f"from pathlib import Path; demo.synth_speech({text!r}, Path(sys.argv[1]))"
     )
     there = tmp_path / "there.wav"
     subprocess.run([sys.executable, "-c", code, str(there)], check=True, cwd=REPO)
@@ -298,7 +299,7 @@ def test_bad_files_are_what_they_say(bad: dict[str, Path]) -> None:
     p = bad["video_no_audio"]
     assert p.suffix == ".mp4"
     assert fixtures.audio_info(p) is None  # decodes, but has no audio stream
-    text = fixtures._ffmpeg().run(["-i", str(p), "-f", "null", "-"])
+    text = ffmpeg_bin.run(["-i", str(p), "-f", "null", "-"])
     assert "Video:" in text and "Audio:" not in text
     assert "Duration: 00:00:02.00" in text
 

@@ -27,9 +27,9 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from avatarcli import ffmpeg, portrait
-from avatarcli import media as m
 from avatarcli.cli import app
+from avatarcli.media import ffmpeg_bin, portrait
+from avatarcli.media import streams as m
 
 runner = CliRunner()
 SMALL = ["--set", "size=256*256"]
@@ -53,9 +53,9 @@ def error_lines(output: str) -> list[str]:
 @pytest.fixture(autouse=True)
 def fresh_ffmpeg() -> Iterator[None]:
     """Tests that point FFMPEG_BINARY elsewhere must not leave the cached binary behind."""
-    ffmpeg.ffmpeg_exe.cache_clear()
+    ffmpeg_bin.ffmpeg_exe.cache_clear()
     yield
-    ffmpeg.ffmpeg_exe.cache_clear()
+    ffmpeg_bin.ffmpeg_exe.cache_clear()
 
 
 # -- 1. an output created while the job renders is kept ---------------------------------------
@@ -63,7 +63,7 @@ def fresh_ffmpeg() -> Iterator[None]:
 
 def test_output_that_appears_while_rendering_is_not_overwritten(
         media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import avatarcli.assemble as assemble_mod
+    import avatarcli.media.assemble as assemble_mod
 
     out = tmp_path / "talk.mp4"
     real_verify = assemble_mod.verify_output
@@ -204,7 +204,7 @@ def test_a_hand_edited_job_record_is_refused_and_force_starts_over(media: dict[s
 def test_audio_that_starts_late_in_a_video_renders_in_sync(media: dict[str, Path],
                                                            tmp_path: Path) -> None:
     late = tmp_path / "late.mp4"
-    ffmpeg.run(["-v", "error", "-y", "-f", "lavfi", "-i", "color=c=gray:s=64x64:r=25:d=6.5",
+    ffmpeg_bin.run(["-v", "error", "-y", "-f", "lavfi", "-i", "color=c=gray:s=64x64:r=25:d=6.5",
                 "-itsoffset", "0.5", "-i", str(media["speech6"]), "-map", "0:v", "-map", "1:a",
                 "-c:v", "libx264", "-c:a", "aac", "-shortest", str(late)])
     out = tmp_path / "talk.mp4"
@@ -308,7 +308,7 @@ def test_a_really_full_disk_exits_74_with_one_line(media: dict[str, Path],
 
 def test_sigkill_during_assembly_leaves_nothing_running_or_behind(media: dict[str, Path],
                                                                  tmp_path: Path) -> None:
-    real = ffmpeg.ffmpeg_exe()
+    real = ffmpeg_bin.ffmpeg_exe()
     marker = tmp_path / "assembling.pid"
     wrapper = tmp_path / "slow-ffmpeg"
     # The concat (assembly) call hangs, as a long join would; every other call is ffmpeg.
@@ -394,7 +394,7 @@ def _alias_bomb(levels: int = 6) -> str:
 
 def _fake_ffmpeg(folder: Path, name: str, on_decode: str) -> Path:
     """ffmpeg that does `on_decode` (a shell command) when asked to decode audio to PCM."""
-    real = ffmpeg.ffmpeg_exe()
+    real = ffmpeg_bin.ffmpeg_exe()
     path = folder / name
     path.write_text(f"#!/bin/sh\ncase \"$*\" in *f32le*) {on_decode};; esac\n"
                     f"exec '{real}' \"$@\"\n")
@@ -518,9 +518,9 @@ def test_bad_input_exits_2_and_the_environment_74_never_70(media: dict[str, Path
     for name, args, env, code, pattern in cases:
         if name == "log file on a full disk" and not Path("/dev/full").exists():
             continue
-        ffmpeg.ffmpeg_exe.cache_clear()
+        ffmpeg_bin.ffmpeg_exe.cache_clear()
         result = runner.invoke(app, args, env=env)
-        ffmpeg.ffmpeg_exe.cache_clear()
+        ffmpeg_bin.ffmpeg_exe.cache_clear()
         problem = _case_problem(result, code, pattern)
         if problem is None and listing(tmp_path) != before:
             problem = "created or changed files"
@@ -594,8 +594,8 @@ def test_read_only_job_folder_is_the_environment(media: dict[str, Path], tmp_pat
 def test_publishing_never_replaces_a_file_that_is_there(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         links: bool) -> None:
-    from avatarcli.assemble import publish
     from avatarcli.errors import InputError
+    from avatarcli.media.assemble import publish
 
     if not links:  # a filesystem without hard links (some FUSE and SMB mounts)
         def no_link(src: object, dst: object) -> None:

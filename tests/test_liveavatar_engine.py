@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from avatarcli import media as m
+from avatarcli.media import streams as m
 
 pytestmark = pytest.mark.slow
 STANDIN = Path(__file__).resolve().parent / "liveavatar_standin"

@@ -21,10 +21,10 @@ import pytest
 from PIL import Image
 
 from avatarcli import gpus, presets
-from avatarcli import media as m
 from avatarcli.engines.base import JobInputs, PartTask
 from avatarcli.engines.liveavatar import LiveAvatarEngine, frame_size, plus_free
-from avatarcli.ffmpeg import ffmpeg_exe
+from avatarcli.media import streams as m
+from avatarcli.media.ffmpeg_bin import ffmpeg_exe
 from avatarcli.plan import Batch
 
 STANDIN = Path(__file__).resolve().parent / "liveavatar_standin"

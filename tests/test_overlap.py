@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avatarcli import assemble, media
+from avatarcli.media import assemble, streams
 from avatarcli.options import Preset
 from avatarcli.plan import Batch, lead_frames, make_plan, render_range
 
@@ -37,7 +37,7 @@ def test_auto_overlap_only_for_engines_that_restart() -> None:
 
 def flat_part(path: Path, values: list[int]) -> Path:
     """A part whose frame k is a flat grey of values[k] (luma), losslessly coded."""
-    with media.VideoWriter(path, width=W, height=H, fps=FPS, crf=0, preset="ultrafast",
+    with streams.VideoWriter(path, width=W, height=H, fps=FPS, crf=0, preset="ultrafast",
                            pix_fmt="yuv420p") as writer:
         for v in values:
             frame = np.full((H * 3 // 2, W), 128, np.uint8)
@@ -53,8 +53,8 @@ def test_crossfade_blends_the_overlap_linearly_and_writes_each_frame_once(
     b = flat_part(tmp_path / "b.mp4", [240] * 4 + [200] * 6)
     out = tmp_path / "joined.mp4"
     written = assemble.crossfade([a, b], [0, 4], out, width=W, height=H, fps=FPS)
-    assert written == 16 and media.video_frames(out) == 16
-    lumas = [float(f[:H].mean()) for f in media.read_frames(out, width=W, height=H)]
+    assert written == 16 and streams.video_frames(out) == 16
+    lumas = [float(f[:H].mean()) for f in streams.read_frames(out, width=W, height=H)]
     # Frames 6-9: a faded into b's lead with weights 1/5 .. 4/5.
     want = [40] * 6 + [40 + (240 - 40) * k / 5 for k in range(1, 5)] + [200] * 6
     assert lumas == pytest.approx(want, abs=1.5)

@@ -27,10 +27,11 @@ ray = pytest.importorskip("ray")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from avatarcli import media as m  # noqa: E402
 from avatarcli import presets  # noqa: E402
 from avatarcli.errors import InputError  # noqa: E402
 from avatarcli.job import JobDir  # noqa: E402
+from avatarcli.media import streams as m  # noqa: E402
+from avatarcli.media.verify import check_video  # noqa: E402
 from avatarcli.pipeline import Result, generate  # noqa: E402
 from avatarcli.ray_executor import (  # noqa: E402
     EXIT_TASK_CANCELLED,
@@ -38,7 +39,6 @@ from avatarcli.ray_executor import (  # noqa: E402
     RayExecutor,
     check_shared_paths,
 )
-from avatarcli.verify import check_video  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -109,7 +109,7 @@ def rays() -> Iterator[Rays]:
 
 @pytest.fixture(scope="module")
 def speech60(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import fixtures  # scripts/fixtures.py, on sys.path through conftest
+    import fixtures  # tests/fixtures.py
 
     path: Path = fixtures.speech_track(tmp_path_factory.mktemp("ray-media") / "speech60.wav",
                                        seconds=60.0, seed=3)
@@ -125,10 +125,7 @@ def render(audio: Path, image: Path, out: Path, settings: list[str], *,
 
 
 def frames_md5(path: Path) -> str:
-    import fixtures  # scripts/fixtures.py, on sys.path through conftest
-
-    digest: str = fixtures.video_frames_md5(path)
-    return digest
+    return m.video_frames_md5(path)
 
 
 def check_complete(result: Result, seconds: float) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from avatarcli import media as m
 from avatarcli.engines import liveavatar_adapter
+from avatarcli.media import streams as m
 
 pytestmark = pytest.mark.slow
 STANDIN = Path(__file__).resolve().parent / "liveavatar_standin"

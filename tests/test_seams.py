@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from avatarcli import check
-from avatarcli import media as m
+from avatarcli.media import streams as m
 
 pytestmark = pytest.mark.slow
 STANDIN = Path(__file__).resolve().parent / "standin_model.py"

@@ -100,7 +100,7 @@ class Engine(ABC):
 
     def frame_size(self, area: tuple[int, int], src_w: int, src_h: int) -> tuple[int, int]:
         """(width, height) of the frames for a portrait of src_w x src_h and an area key."""
-        from avatarcli import portrait
+        from avatarcli.media import portrait
 
         return portrait.output_size(area, src_w / src_h, self.size_multiple())
 

@@ -12,9 +12,10 @@ import string
 from pathlib import Path
 from typing import Any
 
-from avatarcli import media, procs
+from avatarcli import procs
 from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress, run_model
 from avatarcli.errors import EngineError
+from avatarcli.media import streams
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class CommandEngine(Engine):
         for old in outdir.iterdir():
             if old.is_file():
                 old.unlink()
-        media.slice_audio(inp.audio, wav, start_s=b.start_s(inp.fps),
+        streams.slice_audio(inp.audio, wav, start_s=b.start_s(inp.fps),
                           duration_s=b.frames / inp.fps)
         cmd, env = self.command(task)
         cwd = Path(self.preset.command.cwd).expanduser() if self.preset.command.cwd else None
@@ -113,7 +114,7 @@ class CommandEngine(Engine):
         produced = self._find_output(out, outdir)
         self._check_length(produced, b.frames, inp.fps, b.index)
         progress(b.frames - 1)
-        media.normalise(produced, task.out, frames=b.frames, width=inp.width,
+        streams.normalise(produced, task.out, frames=b.frames, width=inp.width,
                         height=inp.height, fps=inp.fps)
         progress(b.frames)
 
@@ -132,12 +133,12 @@ class CommandEngine(Engine):
 
     def _check_length(self, path: Path, frames: int, fps: int, index: int) -> None:
         """The model's video must cover the batch (re-timed to our fps) within rounding."""
-        info = media.probe(path)
+        info = streams.probe(path)
         video = info.first("video")
         if video is None:
             raise EngineError(f"batch {index}: {path} has no video stream")
         try:
-            got = media.video_frames(path)
+            got = streams.video_frames(path)
         except Exception as exc:
             raise EngineError(f"batch {index}: {path} does not decode ({exc})") from exc
         src_fps = video.fps or fps

@@ -27,10 +27,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from avatarcli import gpus, media, memory, procs
+from avatarcli import gpus, memory, procs
 from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress, run_model
 from avatarcli.errors import EngineError, InputError, OutOfMemoryError
 from avatarcli.gpus import visible as gpus_visible
+from avatarcli.media import streams
 from avatarcli.options import LiveAvatarOptions, Preset
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ class LiveAvatarEngine(Engine):
     def adapter_command(self, port: str) -> tuple[list[str], dict[str, str]]:
         """The resident model process's command line and extra environment."""
         o = self.opts
-        from avatarcli.ffmpeg import ffmpeg_exe
+        from avatarcli.media.ffmpeg_bin import ffmpeg_exe
 
         cmd = [self.conf["torchrun"], "--nproc_per_node=1", f"--master_port={port}",
                str(ADAPTER), "--ckpt_dir", self.conf["ckpt_dir"],
@@ -524,7 +525,7 @@ class LiveAvatarEngine(Engine):
         raw.parent.mkdir(parents=True, exist_ok=True)
         raw.unlink(missing_ok=True)
         start_s, duration_s = self.slice_window(task)
-        media.slice_audio(inp.audio, wav, start_s=start_s, duration_s=duration_s)
+        streams.slice_audio(inp.audio, wav, start_s=start_s, duration_s=duration_s)
         if renders_resident(self.preset):
             self._render_resident(task, progress)
         else:
@@ -536,7 +537,7 @@ class LiveAvatarEngine(Engine):
             raise EngineError(f"batch {b.index}: LiveAvatar exited 0 but wrote no video "
                               f"({raw}); it only logs save errors")
         try:
-            got = media.video_frames(raw)
+            got = streams.video_frames(raw)
         except Exception as exc:
             raise EngineError(f"batch {b.index}: {raw} does not decode ({exc})") from exc
         if got < b.frames:
@@ -545,7 +546,7 @@ class LiveAvatarEngine(Engine):
         progress(b.frames - 1)
         # The first b.frames frames are the batch (frame n matches audio frame n): the surplus
         # of the last clip is cut at the end, never at the start.
-        media.normalise(raw, task.out, frames=b.frames, width=inp.width, height=inp.height,
+        streams.normalise(raw, task.out, frames=b.frames, width=inp.width, height=inp.height,
                         fps=inp.fps)
         progress(b.frames)
         raw.unlink(missing_ok=True)

@@ -39,7 +39,6 @@ class BuiltinEngine(Engine):
         import cv2
         from PIL import Image
 
-        from avatarcli import media
         from avatarcli.engines.builtin.animate import (
             Animator,
             AnimatorOptions,
@@ -47,6 +46,7 @@ class BuiltinEngine(Engine):
             mouth_spread,
         )
         from avatarcli.engines.builtin.face import FaceLayout
+        from avatarcli.media import streams
 
         threads = int(os.environ.get("AVATARCLI_THREADS", "0"))
         if threads > 0:  # concurrent batches share the cores (OpenCV has its own pool)
@@ -66,7 +66,7 @@ class BuiltinEngine(Engine):
                                     blink_rate_per_min=opts.blink_rate_per_min,
                                     head_motion=opts.head_motion, teeth=opts.teeth),
         )
-        with media.VideoWriter(task.out, width=inp.width, height=inp.height, fps=inp.fps,
+        with streams.VideoWriter(task.out, width=inp.width, height=inp.height, fps=inp.fps,
                                preset=opts.x264_preset, crf=opts.crf, threads=threads,
                                pix_fmt="yuv420p") as writer:
             for start in range(batch.frame_start, batch.frame_end, CHUNK_FRAMES):

@@ -19,8 +19,8 @@ from pathlib import Path
 import ffmpeg as ffmpeg_python
 import numpy as np
 
-from avatarcli import ffmpeg
 from avatarcli.errors import InputError
+from avatarcli.media import ffmpeg_bin
 
 ANALYSIS_RATE = 16000  # Hz: enough for speech loudness and voicing, cheap to decode
 
@@ -56,11 +56,11 @@ _INPUT_RE = re.compile(r"^Input #0, ([^,]+(?:,[^,]+)*?), from")
 
 def probe(path: Path) -> Probe:
     """Streams and container duration of a media file, from `ffmpeg -i` (no ffprobe needed)."""
-    stderr = ffmpeg.run(["-i", str(path)], check=False)
+    stderr = ffmpeg_bin.run(["-i", str(path)], check=False)
     fmt_m = next((m for line in stderr.splitlines() if (m := _INPUT_RE.match(line))), None)
     if fmt_m is None:
         raise InputError(f"{path}: not a media file ffmpeg can read "
-                         f"({ffmpeg.tail(stderr, 1) or 'unknown format'})")
+                         f"({ffmpeg_bin.tail(stderr, 1) or 'unknown format'})")
     dur_m = _DURATION_RE.search(stderr)
     duration = None
     if dur_m:
@@ -117,12 +117,12 @@ def decode_to_wav(src: Path, dst: Path) -> float:
     args = ["-v", "error", "-y", "-i", str(src), "-map", "0:a:0", "-af", TIMELINE_FILTER,
             "-c:a", "pcm_s16le", "-f", "wav", str(tmp)]
     try:
-        ffmpeg.run(args)
+        ffmpeg_bin.run(args)
         with wave.open(str(tmp), "rb") as w:
             seconds = w.getnframes() / w.getframerate()
         os.replace(tmp, dst)
-    except ffmpeg.FFmpegError as exc:
-        raise InputError(f"{src}: cannot decode audio ({ffmpeg.tail(exc.stderr_tail, 1)})"
+    except ffmpeg_bin.FFmpegError as exc:
+        raise InputError(f"{src}: cannot decode audio ({ffmpeg_bin.tail(exc.stderr_tail, 1)})"
                          ) from exc
     finally:
         tmp.unlink(missing_ok=True)
@@ -139,7 +139,7 @@ def decode_audio_chunks(path: Path, *, rate: int = ANALYSIS_RATE,
         .global_args("-loglevel", "error")
         .get_args()
     )
-    proc = ffmpeg.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = ffmpeg_bin.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     try:
         want = chunk_samples * 4
@@ -158,8 +158,8 @@ def decode_audio_chunks(path: Path, *, rate: int = ANALYSIS_RATE,
         err = proc.stderr.read().decode("utf-8", "replace")
         if proc.wait() != 0:
             # Killed (the host's out-of-memory killer) or out of memory/disk: not the file.
-            ffmpeg.raise_for_environment(proc.returncode, err, args)
-            raise InputError(f"{path}: cannot decode audio ({ffmpeg.tail(err, 1)})")
+            ffmpeg_bin.raise_for_environment(proc.returncode, err, args)
+            raise InputError(f"{path}: cannot decode audio ({ffmpeg_bin.tail(err, 1)})")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -169,14 +169,14 @@ def decode_audio_chunks(path: Path, *, rate: int = ANALYSIS_RATE,
 def video_frames(path: Path, *, decode: bool = True) -> int:
     """Frames in the first video stream; `decode=False` counts packets (fast, catches truncation)."""
     args = ["-v", "error", "-i", str(path), "-map", "0:v:0", *([] if decode else ["-c", "copy"])]
-    stderr = ffmpeg.run([*args, "-f", "null", "-progress", "pipe:2", "-nostats", "-"])
+    stderr = ffmpeg_bin.run([*args, "-f", "null", "-progress", "pipe:2", "-nostats", "-"])
     frames = re.findall(r"^frame=(\d+)", stderr, re.M)
     return int(frames[-1]) if frames else 0
 
 
 def audio_seconds(path: Path) -> float:
     """Decoded length of the first audio stream, in seconds."""
-    stderr = ffmpeg.run(["-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "null",
+    stderr = ffmpeg_bin.run(["-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "null",
                          "-progress", "pipe:2", "-nostats", "-"])
     times = re.findall(r"^out_time_us=(\d+)", stderr, re.M)
     return int(times[-1]) / 1e6 if times else 0.0
@@ -196,7 +196,7 @@ def slice_audio(src: Path, dst: Path, *, start_s: float, duration_s: float,
         .global_args("-loglevel", "error", "-y")
         .get_args()
     )
-    ffmpeg.run(args)
+    ffmpeg_bin.run(args)
 
 
 class VideoWriter:
@@ -225,7 +225,7 @@ class VideoWriter:
             .get_args()
         )
         self._args = args
-        self._proc = ffmpeg.popen(args, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._proc = ffmpeg_bin.popen(args, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self._proc.stdin is not None
         with contextlib.suppress(OSError, AttributeError):  # Linux only; a bigger buffer helps
             import fcntl
@@ -263,10 +263,10 @@ class VideoWriter:
                 self._proc.stdin.close()
         err = self._proc.stderr.read().decode("utf-8", "replace") if self._proc.stderr else ""
         if self._proc.wait() != 0:  # a full disk or a killed encoder: the machine's problem
-            ffmpeg.raise_for_environment(self._proc.returncode, err, self._args)
+            ffmpeg_bin.raise_for_environment(self._proc.returncode, err, self._args)
         if self._proc.returncode != 0 or self._error is not None:
-            raise ffmpeg.FFmpegError(f"ffmpeg could not encode {self.path}: "
-                                     f"{ffmpeg.tail(err, 3) or self._error}", ffmpeg.tail(err))
+            raise ffmpeg_bin.FFmpegError(f"ffmpeg could not encode {self.path}: "
+                                     f"{ffmpeg_bin.tail(err, 3) or self._error}", ffmpeg_bin.tail(err))
 
     def abort(self) -> None:
         if self._proc.poll() is None:
@@ -304,7 +304,7 @@ def normalise(src: Path, dst: Path, *, frames: int, width: int, height: int, fps
         .global_args("-loglevel", "error", "-y")
         .get_args()
     )
-    ffmpeg.run(args)
+    ffmpeg_bin.run(args)
 
 
 def read_frames(path: Path, *, width: int, height: int) -> Iterator[np.ndarray]:
@@ -312,7 +312,7 @@ def read_frames(path: Path, *, width: int, height: int) -> Iterator[np.ndarray]:
     (the layout VideoWriter takes with pix_fmt="yuv420p")."""
     args = ["-v", "error", "-i", str(path), "-map", "0:v:0", "-f", "rawvideo",
             "-pix_fmt", "yuv420p", "-s", f"{width}x{height}", "pipe:"]
-    proc = ffmpeg.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = ffmpeg_bin.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     size = width * height * 3 // 2
     try:
@@ -320,9 +320,24 @@ def read_frames(path: Path, *, width: int, height: int) -> Iterator[np.ndarray]:
             yield np.frombuffer(data, np.uint8).reshape(height * 3 // 2, width)
         err = proc.stderr.read().decode("utf-8", "replace")
         if proc.wait() != 0:
-            raise ffmpeg.FFmpegError(f"ffmpeg could not decode {path}: {ffmpeg.tail(err, 1)}",
-                                     ffmpeg.tail(err))
+            raise ffmpeg_bin.FFmpegError(f"ffmpeg could not decode {path}: {ffmpeg_bin.tail(err, 1)}",
+                                     ffmpeg_bin.tail(err))
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def video_frames_md5(path: Path) -> str:
+    """MD5 of a video's decoded frames: equal for two files that show exactly the same frames."""
+    import hashlib
+
+    proc = ffmpeg_bin.popen(["-v", "error", "-i", str(path), "-map", "0:v", "-f", "rawvideo",
+                            "-"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    h = hashlib.md5()
+    while block := proc.stdout.read(1 << 20):
+        h.update(block)
+    if proc.wait() != 0:
+        raise RuntimeError(f"{path}: ffmpeg could not decode it")
+    return h.hexdigest()

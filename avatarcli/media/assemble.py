@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from avatarcli import ffmpeg, media
 from avatarcli.errors import InputError
-from avatarcli.verify import VerifyError, check_video
+from avatarcli.media import ffmpeg_bin, streams
+from avatarcli.media.verify import VerifyError, check_video
 
 
 def _umask() -> int:
@@ -40,13 +40,13 @@ def crossfade(parts: list[Path], leads: list[int], out: Path, *, width: int, hei
         raise ValueError(f"leads {leads} do not fit {len(parts)} parts (the first has none)")
     written = 0
     held: list[np.ndarray] = []  # the previous part's last frames, waiting to be blended
-    with media.VideoWriter(out, width=width, height=height, fps=fps, preset=x264_preset,
+    with streams.VideoWriter(out, width=width, height=height, fps=fps, preset=x264_preset,
                            crf=crf, pix_fmt="yuv420p") as writer:
         for i, part in enumerate(parts):
             lead, hold = leads[i], (leads[i + 1] if i + 1 < len(parts) else 0)
             pending: list[np.ndarray] = []
             count = 0
-            for j, frame in enumerate(media.read_frames(part, width=width, height=height)):
+            for j, frame in enumerate(streams.read_frames(part, width=width, height=height)):
                 if j < lead:
                     w = (j + 1) / (lead + 1)
                     mixed = held[j].astype(np.float32) * (1.0 - w) + frame * np.float32(w)
@@ -95,7 +95,7 @@ def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, fr
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        ffmpeg.run([
+        ffmpeg_bin.run([
             "-v", "error", "-y", "-f", "concat", "-safe", "0", "-i", list_name,
             "-i", str(audio), "-map", "0:v:0", "-map", "1:a:0",
             "-c:v", "copy", "-c:a", "aac", "-b:a", audio_bitrate,
@@ -160,7 +160,7 @@ def verify_output(path: Path, *, audio_s: float, frames: int, width: int, height
     info = check_video(path, frames=frames, width=width, height=height, fps=fps, decode=False)
     if info.first("audio") is None:
         raise VerifyError(f"{path}: no audio stream")
-    got_audio = media.audio_seconds(path)
+    got_audio = streams.audio_seconds(path)
     video_s = frames / fps
     tolerance = 1.0 / fps
     if abs(got_audio - audio_s) > tolerance:

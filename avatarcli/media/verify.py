@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from avatarcli import media
 from avatarcli.errors import AvatarError
+from avatarcli.media import streams
 
 
 class VerifyError(AvatarError):
@@ -15,14 +15,14 @@ class VerifyError(AvatarError):
 
 
 def check_video(path: Path, *, frames: int, width: int, height: int, fps: int,
-                decode: bool = True) -> media.Probe:
+                decode: bool = True) -> streams.Probe:
     """Raise VerifyError unless `path` has exactly `frames` frames of width x height at fps.
 
     Returns the probe, so a caller checking more (the audio stream) need not probe again.
     """
     if not path.is_file() or path.stat().st_size == 0:
         raise VerifyError(f"{path}: missing or empty")
-    info = media.probe(path)
+    info = streams.probe(path)
     video = info.first("video")
     if video is None:
         raise VerifyError(f"{path}: no video stream")
@@ -31,7 +31,7 @@ def check_video(path: Path, *, frames: int, width: int, height: int, fps: int,
     if abs(video.fps - fps) > 0.01:
         raise VerifyError(f"{path}: {video.fps:g} fps, expected {fps}")
     try:
-        got = media.video_frames(path, decode=decode)
+        got = streams.video_frames(path, decode=decode)
     except AvatarError as exc:
         raise VerifyError(f"{path}: cannot be decoded ({exc})") from exc
     if got != frames:

@@ -1,1 +1,0 @@
-"""Built-in presets (YAML files), shipped inside the wheel as avatarcli.builtin_presets."""
