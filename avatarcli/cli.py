@@ -315,8 +315,8 @@ def _preset_ref(preset: str | None, gpus: str | None) -> str | None:
     """`-p auto`: the best built-in preset whose memory estimate fits the visible GPUs."""
     if preset != "auto":
         return preset
-    from avatarcli import fit
     from avatarcli import gpus as gpu_info
+    from avatarcli.engines.liveavatar import fit
 
     facts = gpu_info.facts()
     if gpus:
@@ -582,9 +582,10 @@ def plan_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Estimate a preset's peak GPU memory per card; with AUDIO, the batch plan and time."""
-    from avatarcli import fit, history
     from avatarcli import gpus as gpu_info
-    from avatarcli import memory as mem_model
+    from avatarcli import history
+    from avatarcli.engines.liveavatar import fit
+    from avatarcli.engines.liveavatar import memory as mem_model
 
     _setup_logging(False, as_json)
     facts = gpu_info.facts()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,8 +28,6 @@ REQUIRED_ENCODERS = ("libx264", "aac")  # parts are encoded with libx264, the ou
 DISK_WARN_GB = 5.0
 DISK_FAIL_GB = 1.0
 CPU_HINT = "the built-in CPU engine works without one: use the cpu-preview preset (-p cpu-preview)"
-LIVEAVATAR_FIX = ("set liveavatar.repo, ckpt_dir, lora_path and torchrun in the preset, with "
-                  "--set liveavatar.KEY=VALUE, or through $AVATARCLI_LIVEAVATAR_*")
 _GIB = 2**30
 
 
@@ -45,15 +42,13 @@ class Check:
 
 
 def run_checks(*, preset: Preset | None = None, jobs_dir: Path) -> list[Check]:
-    """All checks, in a stable order. A LiveAvatar `preset` adds its set-up checks."""
-    liveavatar = preset is not None and preset.engine == "liveavatar"
+    """All checks, in a stable order. A `preset` adds its engine's GPU needs and set-up checks."""
     checks: list[Check] = []
     checks += _guard("ffmpeg", check_ffmpeg)
     checks += _guard("torch", check_torch)
-    checks += _guard("gpu", lambda: check_gpus(preset if liveavatar else None))
-    if liveavatar:
-        assert preset is not None
-        checks += _guard("liveavatar", lambda: check_liveavatar(preset, jobs_dir))
+    checks += _guard("gpu", lambda: check_gpus(preset))
+    if preset is not None:
+        checks += _guard(preset.engine, lambda: check_engine(preset))
     checks += _guard("disk", lambda: check_disk(jobs_dir))
     return checks
 
@@ -125,15 +120,19 @@ def check_torch() -> list[Check]:
     return [Check("torch", "ok", f"{build.version}, {build.kind}")]
 
 
-def check_gpus(liveavatar: Preset | None = None) -> list[Check]:
-    """One check per GPU; with a LiveAvatar preset, also whether its GPUs and fp8 fit."""
+def check_gpus(preset: Preset | None = None) -> list[Check]:
+    """One check per GPU; with a preset whose engine needs GPUs (Engine.resources), also
+    whether there are enough per launch and whether each has the compute capability it needs."""
+    from avatarcli import engines
+
+    need = engines.engine_class(preset.engine).resources(preset) if preset else None
     found = gpus.facts()
     if not found:
-        if liveavatar is not None:
+        if need is not None and need.gpus:
+            assert preset is not None
             return [Check("gpu", "fail", "no GPU found (NVML, torch.cuda, nvidia-smi): "
-                          "LiveAvatar needs CUDA GPUs", CPU_HINT)]
+                          f"the {preset.engine} engine needs CUDA GPUs", CPU_HINT)]
         return [Check("gpu", "warn", "no GPU found (NVML, torch.cuda, nvidia-smi)", CPU_HINT)]
-    want_fp8 = liveavatar is not None and liveavatar.liveavatar.fp8
     out = []
     for g in found:
         fp8 = gpus.fp8_capable(g.compute_capability)
@@ -141,16 +140,19 @@ def check_gpus(liveavatar: Preset | None = None) -> list[Check]:
               else "compute {}.{}".format(*g.compute_capability))
         detail = (f"{g.name}, {_gb(g.total_gb)} total, {_gb(g.free_gb)} free, {cc}, "
                   f"fp8 {'yes' if fp8 else 'no'} ({g.source})")
-        if want_fp8 and not fp8:
-            out.append(Check(f"gpu {g.index}", "warn", detail + ": the preset uses fp8, which "
-                             "needs compute capability 8.9+", "--set liveavatar.fp8=false"))
+        low = (need is not None and need.min_compute is not None
+               and g.compute_capability is not None and g.compute_capability < need.min_compute)
+        if low:
+            assert need is not None and need.min_compute is not None
+            out.append(Check(f"gpu {g.index}", "warn", detail + f": {need.min_compute_why}, "
+                             "which needs compute capability {}.{}+".format(*need.min_compute),
+                             need.min_compute_fix))
         else:
             out.append(Check(f"gpu {g.index}", "ok", detail))
-    if liveavatar is not None:
-        need = liveavatar.liveavatar.gpus_per_run
+    if need is not None and need.gpus:
         have = len(gpus.visible()) or len(found)
-        if have < need:
-            out.append(Check("gpus per launch", "fail", f"the preset needs {need} GPUs per "
+        if have < need.gpus:
+            out.append(Check("gpus per launch", "fail", f"the preset needs {need.gpus} GPUs per "
                              f"launch; {have} visible", "use a 1-GPU LiveAvatar preset or "
                              "make more GPUs visible (CUDA_VISIBLE_DEVICES, --gpus)"))
     return out
@@ -160,43 +162,15 @@ def _gb(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} GB"
 
 
-# -- LiveAvatar ------------------------------------------------------------------------------
+# -- the preset's engine ----------------------------------------------------------------------
 
 
-def check_liveavatar(preset: Preset, jobs_dir: Path) -> list[Check]:
-    """The engine's own pre-launch check, reported as checks."""
-    from avatarcli import gpus, memory
-    from avatarcli.engines.liveavatar import ENV_VARS, LiveAvatarEngine, settings
+def check_engine(preset: Preset) -> list[Check]:
+    """The engine's own set-up checks (Engine.doctor), each with the preset key that fixes it."""
+    from avatarcli import engines
 
-    engine = LiveAvatarEngine(preset)
-    problems, warnings = engine.check_setup()
-    out = [Check("liveavatar", "fail", p, _liveavatar_fix(p, ENV_VARS)) for p in problems]
-    out += [Check("liveavatar", "warn", w, "change the preset value named above (--set KEY=VALUE)")
-            for w in warnings]
-    if not problems:
-        conf = settings(preset.liveavatar)
-        out.insert(0, Check("liveavatar", "ok", f"repo {conf['repo']}, ckpt {conf['ckpt_dir']}, "
-                            f"lora {conf['lora_path']}, torchrun {conf['torchrun']}"))
-    # Host RAM of one batch at the area key's own frame size (the portrait is not known here).
-    host = memory.host_estimate(preset, total_gb=gpus.host_memory_gb())
-    detail = (f"one launch needs about {host.peak_gb:.1f} GB of RAM"
-              + ("" if host.total_gb is None else f"; this machine has {host.total_gb:.1f} GB"))
-    out.append(Check("host memory", "ok" if host.fits else "fail", detail,
-                     "" if host.fits else "turn liveavatar.offload_kv_cache off or lower "
-                     f"clips_per_batch (or set {gpus.HOST_MEM_ENV} if the machine's RAM is misread)"))
-    return out
-
-
-def _liveavatar_fix(problem: str, env_vars: dict[str, str]) -> str:
-    """The preset key a problem names (`liveavatar.KEY`), else the whole set-up."""
-    m = re.search(r"liveavatar\.(\w+)", problem)
-    if m is None:
-        return LIVEAVATAR_FIX
-    key = m.group(1)
-    fix = f"set liveavatar.{key} in the preset or with --set liveavatar.{key}=..."
-    if key in env_vars:
-        fix += f" (or ${env_vars[key]})"
-    return fix
+    return [Check(f.name or preset.engine, f.status, f.detail, f.fix)
+            for f in engines.engine_class(preset.engine).doctor(preset)]
 
 
 # -- disk ------------------------------------------------------------------------------------

@@ -30,11 +30,12 @@ def path() -> Path:
 
 def settings_key(preset: Preset) -> dict[str, Any]:
     """The settings that decide speed and memory of a launch."""
-    la = preset.liveavatar
+    from avatarcli import engines
+
     return {"engine": preset.engine, "size": preset.size, "infer_frames": preset.infer_frames,
             "sample_steps": preset.sample_steps, "offload": preset.offload,
-            "online_decode": preset.online_decode, "fp8": la.fp8,
-            "offload_kv_cache": la.offload_kv_cache, "gpus_per_run": la.gpus_per_run}
+            "online_decode": preset.online_decode,
+            **engines.engine_class(preset.engine).speed_key(preset)}
 
 
 def record(preset: Preset, telemetry: dict[str, Any]) -> None:

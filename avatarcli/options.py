@@ -1,15 +1,20 @@
-"""The settings a preset holds: one frozen dataclass per section, defaults and bounds in one place.
+"""The settings a preset holds: the common knobs and the resident workers' section here, each
+engine's own section beside its engine (`Engine.options`), defaults and bounds in one place.
 
 A field's metadata says what values are valid; `presets.py` validates against it, so adding a
-knob here is all it takes to make it loadable, overridable with `--set` and shown by
+knob to a dataclass is all it takes to make it loadable, overridable with `--set` and shown by
 `avatar presets show`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def knob(default: Any, *, bounds: tuple[float, float] | None = None,
@@ -21,99 +26,7 @@ def knob(default: Any, *, bounds: tuple[float, float] | None = None,
     return field(default=default, metadata=meta)
 
 
-ENGINES = ("builtin", "liveavatar", "command")
-# Engines that start every batch afresh from the portrait (a model's state does not carry over
-# from one launch to the next): their seams need an overlap, and `gen` checks their output.
-RESTARTING_ENGINES = ("liveavatar", "command")
 SEAM_OVERLAP_AUTO = 8  # frames (0.32 s at 25 fps): boundaries sit in pauses, so this is short
-
-
-@dataclass(frozen=True)
-class BuiltinOptions:
-    """Knobs of the built-in CPU animator."""
-
-    # Scales the mouth opening; 0 keeps the mouth closed.
-    mouth_gain: float = knob(1.0, bounds=(0.0, 3.0), help="mouth opening scale")
-    # Average blinks per minute; 0 disables blinking.
-    blink_rate_per_min: float = knob(15.0, bounds=(0.0, 60.0), help="blinks per minute")
-    # Head motion amplitude: 1 is subtle, 0 is still.
-    head_motion: float = knob(1.0, bounds=(0.0, 3.0), help="head motion scale")
-    # Show a hint of upper teeth when the mouth is wide open.
-    teeth: bool = knob(True, help="draw upper teeth when wide open")
-    # x264 speed/size trade-off for parts; all parts of a job must share it (they are joined by copy).
-    x264_preset: str = knob("veryfast", choices=("ultrafast", "superfast", "veryfast", "faster",
-                                                  "fast", "medium", "slow"), help="x264 preset")
-    # x264 constant rate factor: lower is better quality and bigger files.
-    crf: int = knob(20, bounds=(0, 51), help="x264 CRF")
-
-
-@dataclass(frozen=True)
-class LiveAvatarOptions:
-    """Where LiveAvatar lives and how it is launched (used by the liveavatar engine)."""
-
-    # LiveAvatar repository root (the launch's working directory).
-    repo: str = knob("", help="LiveAvatar checkout")
-    # torchrun of LiveAvatar's own environment (not avatarcli's).
-    torchrun: str = knob("torchrun", help="torchrun of LiveAvatar's environment")
-    # Wan2.2-S2V-14B checkpoint directory, relative to repo unless absolute.
-    ckpt_dir: str = knob("ckpt/Wan2.2-S2V-14B/", help="checkpoint directory")
-    # LoRA weights as a LOCAL path, so nothing is fetched from a model hub at run time.
-    lora_path: str = knob("", help="local LoRA path")
-    # Text prompt; empty means a .txt next to the portrait, else a neutral prompt.
-    prompt: str = knob("", help="text prompt")
-    # GPUs per launch: 1 (single GPU, offload) or 5 (4 for the DiT + 1 for the VAE).
-    gpus_per_run: int = knob(1, choices=(1, 5), help="GPUs per launch")
-    # FP8 weights via torch._scaled_mm (compute capability 8.9+).
-    fp8: bool = knob(False, help="--fp8")
-    # Keep the four per-step KV caches in host memory: fits smaller GPUs, costs host RAM
-    # (about 47 GiB at 704*384) and a copy of each cache to the GPU and back at every step
-    # (the resident worker keeps them in PINNED host memory and copies without blocking).
-    offload_kv_cache: bool = knob(False, help="--offload_kv_cache")
-    # Memory levers of the RESIDENT worker (one GPU; the resident LiveAvatar worker applies them
-    # with avatarcli/engines/liveavatar_levers.py; a one-process-per-batch script launch ignores
-    # them). `avatar plan --fit` picks them for a card; `avatar plan` shows what each costs.
-    # DiT blocks (of 40) kept on the GPU; the others stay in pinned host memory and are copied
-    # in one block ahead of their use on a side CUDA stream (block swap). 40: no swap.
-    resident_blocks: int = knob(40, bounds=(0, 40),
-                                help="DiT blocks on the GPU, rest streamed (resident worker)")
-    # Swapped blocks copied ahead of their use (each costs one block of GPU memory).
-    prefetch_blocks: int = knob(1, bounds=(0, 4), help="blocks prefetched (resident worker)")
-    # Storage of the DiT's Linear weights, computed in bf16 dequantised per layer (any GPU):
-    # int8 or fp8 (e4m3) with one scale per output channel, half the bytes and half the swap
-    # transfer. `fp8: true` is upstream's own fp8 compute instead (compute capability 8.9+).
-    weight_storage: str = knob("bf16", choices=("bf16", "int8", "fp8"),
-                               help="DiT weight storage, bf16 compute (resident worker)")
-    # Text (T5, 10.6 GiB) and audio (wav2vec2) encoders: on the GPU when they run, or always on
-    # the CPU (slower prompt/audio encoding once per batch; frees the GPU).
-    encoders: str = knob("gpu", choices=("gpu", "cpu"), help="where T5/wav2vec2 run (resident worker)")
-    # Frames the model's video leads the audio it was given: upstream denoises clip r against
-    # audio frames r*F.. and drops clip 0's first 3 decoded frames, so output frame n shows
-    # audio frame n+3 (causal_s2v_pipeline.py:1000-1005, 1119, 1170). Each batch's audio slice
-    # starts this many frames earlier, so the lips match the muxed sound. Read from the code,
-    # not yet measured on a GPU: a measurement (`avatar check`) may correct it here.
-    audio_shift_frames: int = knob(3, bounds=(-24, 24), help="model's video lead over its audio")
-    sample_solver: str = knob("euler", choices=("euler",), help="--sample_solver")
-    training_config: str = knob("liveavatar/configs/s2v_causal_sft.yaml", help="--training_config")
-    # Extra environment for the launch (e.g. ENABLE_COMPILE: "false").
-    env: dict[str, str] = knob({}, help="extra environment")
-    # Extra raw flags appended to the upstream command line.
-    extra_args: list[str] = knob([], help="extra upstream flags")
-
-
-@dataclass(frozen=True)
-class CommandOptions:
-    """Any other model through a command template (used by the command engine)."""
-
-    # Argument list with placeholders such as {audio}, {image}, {out}.
-    template: list[str] = knob([], help="command template")
-    # Working directory of the command.
-    cwd: str = knob("", help="working directory")
-    # Extra environment for the command.
-    env: dict[str, str] = knob({}, help="extra environment")
-    # Glob inside {outdir} that finds the produced video when the model picks its own name.
-    output: str = knob("", help="output glob inside {outdir}")
-    # Text for the {prompt} placeholder.
-    prompt: str = knob("", help="text prompt")
 
 
 @dataclass(frozen=True)
@@ -136,7 +49,7 @@ class Preset:
     """A fully resolved preset. Field defaults are the values no preset overrides."""
 
     # Which engine renders the parts.
-    engine: str = knob("builtin", choices=ENGINES, help="rendering engine")
+    engine: str = knob("builtin", help="rendering engine")
     # One line shown by `avatar presets`.
     description: str = knob("", help="one-line description")
     # Output AREA key "W*H": real width/height follow the portrait's aspect ratio within it.
@@ -167,31 +80,43 @@ class Preset:
     oom_retry: list[dict[str, Any]] = knob([], help="out-of-memory retry ladder")
     # Frames each batch after the first also renders before its boundary; assembly crossfades
     # them with the end of the previous part, so an engine that restarts at every batch does
-    # not jump there. -1: auto (SEAM_OVERLAP_AUTO for engines that restart, 0 for builtin).
+    # not jump there. -1: auto (SEAM_OVERLAP_AUTO for engines that restart at every batch, else 0).
     seam_overlap: int = knob(-1, bounds=(-1, 240), help="frames crossfaded at each seam, -1 auto")
     # Run `avatar check` on each finished video of a model engine and keep its figures.
     check: bool = knob(True, help="check finished videos of model engines")
-    builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
-    liveavatar: LiveAvatarOptions = field(default_factory=LiveAvatarOptions)
-    command: CommandOptions = field(default_factory=CommandOptions)
+    # Each registered engine's own section by engine name (its `options` dataclass), made by
+    # presets.build; `preset.section(Cls)` reads one with its type, `preset.NAME` untyped.
+    sections: Mapping[str, Any] = field(default_factory=dict, metadata={"section": True})
     worker: WorkerOptions = field(default_factory=WorkerOptions)
 
+    def section(self, cls: type[T]) -> T:
+        """The section of type `cls` (its defaults when the preset has none)."""
+        for value in self.sections.values():
+            if isinstance(value, cls):
+                return value
+        return cls()
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections") or {}
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"preset has no key or section {name!r}")
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key, with each engine's section under its name (as in a preset file)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "sections":
+                out.update({k: dataclasses.asdict(v) for k, v in self.sections.items()})
+            else:
+                value = getattr(self, f.name)
+                out[f.name] = (dataclasses.asdict(value) if isinstance(value, WorkerOptions)
+                               else copy.deepcopy(value))
+        return out
 
-    def overlap_frames(self) -> int:
-        """`seam_overlap` with auto resolved for the engine."""
-        if self.seam_overlap >= 0:
-            return self.seam_overlap
-        return SEAM_OVERLAP_AUTO if self.engine in RESTARTING_ENGINES else 0
 
-
-SECTIONS: dict[str, type] = {
-    "builtin": BuiltinOptions,
-    "liveavatar": LiveAvatarOptions,
-    "command": CommandOptions,
-    "worker": WorkerOptions,
-}
+# Top-level keys holding a section of their own (not an engine's).
+CORE_SECTIONS: dict[str, type] = {"worker": WorkerOptions}
 
 # Keys whose change does not change a single rendered pixel: a job survives them.
 NON_RENDERING_KEYS = frozenset({"description", "cooldown_s", "batch_timeout_s", "worker",
@@ -200,8 +125,20 @@ NON_RENDERING_KEYS = frozenset({"description", "cooldown_s", "batch_timeout_s", 
 RUNG_FORBIDDEN_KEYS = frozenset({"engine", "fps", "seed", "clips_per_batch", "oom_retry",
                                  "description", "cooldown_s", "seam_overlap", "check"})
 
-# Upstream LiveAvatar facts the presets are checked against (see liveavatar-contract.md).
-LIVEAVATAR_SIZES = ("720*1280", "1280*720", "480*832", "832*480", "704*1280", "1280*704",
-                    "1024*704", "704*1024", "720*400", "704*384", "688*368", "384*256")
-# KV caches exist for 4 denoising steps only.
-LIVEAVATAR_MAX_STEPS = 4
+
+
+def top_level_keys() -> list[str]:
+    """The preset's own keys (not an engine's section)."""
+    return [f.name for f in dataclasses.fields(Preset) if f.name != "sections"]
+
+
+def rendering_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Of a preset's values (Preset.to_dict()), those that decide the rendered pixels: the
+    common knobs and the section of the engine in use, without NON_RENDERING_KEYS. Another
+    engine's section (an installed plugin's, say) never changes a job's identity."""
+    top = set(top_level_keys())
+    out = {k: v for k, v in values.items() if k in top and k not in NON_RENDERING_KEYS}
+    engine = values.get("engine")
+    if isinstance(engine, str) and engine in values and engine not in top:
+        out[engine] = values[engine]
+    return out

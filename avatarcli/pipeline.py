@@ -26,11 +26,11 @@ from avatarcli.media import portrait, streams
 from avatarcli.media.assemble import assemble
 from avatarcli.media.ffmpeg_bin import ffmpeg_exe
 from avatarcli.media.verify import is_whole
-from avatarcli.options import NON_RENDERING_KEYS, RESTARTING_ENGINES, Preset
+from avatarcli.options import Preset, rendering_values
 from avatarcli.plan import Plan, lead_frames, make_plan, render_range
 from avatarcli.presets import ResolvedPreset, parse_size
 from avatarcli.resident import ResidentPool
-from avatarcli.runner import BatchResult, Executor, Hooks, Resident, Runner, batch_timeout_s
+from avatarcli.runner import BatchResult, Executor, Hooks, Resident, Runner
 from avatarcli.telemetry import Telemetry, aggregate
 
 log = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
 
     # A part is reused only if it is the very file that was verified (its content hash):
     # another valid video of the same length and size put in its place is rendered again.
-    overlap = preset.overlap_frames()
+    overlap = engines.seam_overlap(preset)
     reused = [p["index"] for p in parts if p["state"] == "done"
               and part_digest(job.part(p["index"])) == p.get("sha256")
               and is_whole(job.part(p["index"]),
@@ -395,7 +395,7 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
         runner = Runner(job.path, job.log, slots=slots, cooldown_s=preset.cooldown_s,
                         oom_rungs=len(preset.oom_retry), hooks=hooks, executor=executor,
                         resident=resident,
-                        timeout_s=lambda i: batch_timeout_s(preset, plan.batches[i].frames))
+                        timeout_s=lambda i: engines.timeout_s(preset, plan.batches[i].frames))
         try:
             runner.run(pending)
         finally:
@@ -417,7 +417,7 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
         manifest["workers"] = pool.records(job.path)
         result.workers = [{k: w[k] for k in ("id", "pid", "load_s", "render_s", "ended")}
                           | {"batches": len(w["batches"])} for w in manifest["workers"]]
-    if preset.check and preset.engine in RESTARTING_ENGINES:
+    if preset.check and engines.engine_class(preset.engine).restarts:
         manifest["check"] = _post_check(result, inputs.audio, events)
     job.save(manifest)
     result.batches = _views(plan, engine, inputs, job, manifest, slots)
@@ -426,7 +426,7 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
 
 
 def _rendering(preset: Preset) -> dict[str, Any]:
-    return {k: v for k, v in preset.to_dict().items() if k not in NON_RENDERING_KEYS}
+    return rendering_values(preset.to_dict())
 
 
 def _post_check(result: Result, audio: Path, events: Events) -> dict[str, Any]:
@@ -499,8 +499,7 @@ def _check_consistent(job: JobDir, manifest: dict[str, Any], expected: dict[str,
     face and settings are all decided by the key); anything else was edited or damaged."""
     found = {"plan": manifest["plan"], "face": manifest.get("face"),
              "inputs": {k: v["sha256"] for k, v in manifest["inputs"].items()},
-             "values": {k: v for k, v in manifest["preset"]["values"].items()
-                        if k not in NON_RENDERING_KEYS}}
+             "values": rendering_values(manifest["preset"]["values"])}
     for name, value in expected.items():
         if found[name] != value:
             raise InputError(f"{job.manifest_path}: job manifest is damaged ({name} differs "
@@ -596,7 +595,7 @@ def _views(plan: Plan, engine: Engine, inputs: JobInputs, job: JobDir,
     parts = manifest.get("parts") or [{"state": "planned"}] * len(plan.batches)
     state = manifest.get("engine_state") or {}
     views = []
-    overlap = engine.preset.overlap_frames()
+    overlap = engines.seam_overlap(engine.preset)
     for b in plan.batches:
         # Batches take slots in turn when they run concurrently; an overlap starts them earlier.
         task = PartTask(inputs=inputs, batch=render_range(plan, b.index, overlap),

@@ -16,14 +16,9 @@ from typing import Any
 
 import yaml
 
+from avatarcli import engines
 from avatarcli.errors import InputError
-from avatarcli.options import (
-    LIVEAVATAR_MAX_STEPS,
-    LIVEAVATAR_SIZES,
-    RUNG_FORBIDDEN_KEYS,
-    SECTIONS,
-    Preset,
-)
+from avatarcli.options import CORE_SECTIONS, RUNG_FORBIDDEN_KEYS, Preset
 
 DEFAULT_PRESET = "cpu-preview"
 ENV_DIR = "AVATARCLI_PRESETS_DIR"
@@ -161,10 +156,15 @@ def _locate(ref: str, base: Path | None = None) -> tuple[str, str, Path]:
     return info.name, "built-in" if info.origin == "built-in" else str(info.path), info.path
 
 
+def sections() -> dict[str, type]:
+    """Every section a preset may hold: each registered engine's, and `worker`."""
+    return {**engines.sections(), **CORE_SECTIONS}
+
+
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key in SECTIONS:
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key in sections():
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
@@ -217,9 +217,6 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-PROMPT_ENGINES = ("liveavatar", "command")
-
-
 def resolve(ref: str | None = None, overrides: dict[str, Any] | None = None, *,
             prompt: str | None = None) -> ResolvedPreset:
     """Load preset `ref` (name or file; default cpu-preview), apply overrides, validate.
@@ -230,7 +227,7 @@ def resolve(ref: str | None = None, overrides: dict[str, Any] | None = None, *,
     where = origin if origin != "built-in" else f"preset '{name}'"
     preset = build(data, where)
     overrides = dict(overrides or {})
-    if prompt is not None and preset.engine in PROMPT_ENGINES:
+    if prompt is not None and engines.engine_class(preset.engine).takes_prompt:
         section = overrides.get(preset.engine)
         overrides[preset.engine] = {**(section if isinstance(section, dict) else {}),
                                     "prompt": prompt}
@@ -241,15 +238,21 @@ def resolve(ref: str | None = None, overrides: dict[str, Any] | None = None, *,
 
 def build(data: dict[str, Any], where: str = "preset") -> Preset:
     """Validate a raw mapping into a Preset; every problem names the key, value and valid range."""
-    kwargs = _check_fields(Preset, data, prefix="", where=where)
-    for section, cls in SECTIONS.items():
+    known = sections()
+    kwargs = _check_fields(Preset, data, prefix="", where=where, sections=known)
+    engine_sections = {}
+    for section, cls in known.items():
         raw = data.get(section, {})
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
             raise InputError(f"{where}: '{section}' must be a mapping (a section), got {raw!r}")
-        kwargs[section] = cls(**_check_fields(cls, raw, prefix=f"{section}.", where=where))
-    preset = Preset(**kwargs)
+        value = cls(**_check_fields(cls, raw, prefix=f"{section}.", where=where))
+        if section in CORE_SECTIONS:
+            kwargs[section] = value
+        else:
+            engine_sections[section] = value
+    preset = Preset(**kwargs, sections=engine_sections)
     _check_rules(preset, where)
     for k in range(1, len(preset.oom_retry) + 1):
         _check_rung(data, preset.oom_retry, k, where)
@@ -279,15 +282,18 @@ def _check_rung(data: dict[str, Any], rungs: list[dict[str, Any]], k: int, where
     build({**rung_values(data, rungs, k), "oom_retry": []}, f"{where}, oom_retry rung {k}")
 
 
-def _check_fields(cls: type, data: dict[str, Any], *, prefix: str, where: str) -> dict[str, Any]:
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in SECTIONS}
+def _check_fields(cls: type, data: dict[str, Any], *, prefix: str, where: str,
+                  sections: dict[str, type] | None = None) -> dict[str, Any]:
+    sections = sections or {}
+    fields = {f.name: f for f in dataclasses.fields(cls)
+              if f.name not in sections and not f.metadata.get("section")}
     hints = typing.get_type_hints(cls)
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if key in SECTIONS and not prefix:
+        if key in sections and not prefix:
             continue
         if key not in fields:
-            valid = [*fields, *([] if prefix else SECTIONS)]
+            valid = [*fields, *sections]
             hint = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
             maybe = f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
             raise InputError(f"{where}: unknown key '{prefix}{key}'{maybe}")
@@ -357,40 +363,19 @@ def _check_rules(preset: Preset, where: str) -> None:
     lo, hi = SIZE_BOUNDS
     if not (lo <= w <= hi and lo <= h <= hi):
         raise InputError(f"{where}: size sides must be within [{lo}, {hi}], got {preset.size!r}")
-    if preset.engine == "liveavatar":
-        if preset.size not in LIVEAVATAR_SIZES:
-            raise InputError(f"{where}: size must be one of LiveAvatar's area keys "
-                             f"{', '.join(LIVEAVATAR_SIZES)}, got {preset.size!r}")
-        if not 1 <= preset.sample_steps <= LIVEAVATAR_MAX_STEPS:
-            raise InputError(f"{where}: sample_steps must be within [1, {LIVEAVATAR_MAX_STEPS}] "
-                             f"for LiveAvatar (KV caches exist for 4 steps), "
-                             f"got {preset.sample_steps}")
-        if preset.liveavatar.gpus_per_run > 1 and preset.sample_steps != LIVEAVATAR_MAX_STEPS:
-            # TPP pipeline: DiT rank i runs only denoising step i, receiving from rank i-1 and
-            # sending to rank i+1, and the VAE rank receives from rank 3
-            # (causal_s2v_pipeline_tpp.py:1041, 1061-1093, 1095-1098): with fewer steps a rank
-            # waits for a send that never comes, and NCCL hangs until its timeout.
-            raise InputError(f"{where}: sample_steps must be exactly {LIVEAVATAR_MAX_STEPS} with "
-                             f"{preset.liveavatar.gpus_per_run} GPUs (each DiT GPU runs one "
-                             f"step; other values hang upstream), got {preset.sample_steps}")
-        if preset.liveavatar.gpus_per_run == 1 and not preset.offload:
-            # Without --offload_model the VAE stays on the CPU where init_on_cpu left it and
-            # decoding fails after all the denoising (causal_s2v_pipeline.py:961-965, 1146-1153).
-            raise InputError(f"{where}: offload must be true for LiveAvatar on one GPU "
-                             f"(upstream's single-GPU path only decodes with --offload_model "
-                             f"True; false fails after denoising)")
-        if preset.fps != 25:
-            raise InputError(f"{where}: fps must be 25 for LiveAvatar (it renders at 25 fps), "
-                             f"got {preset.fps}")
+    if preset.engine not in engines.names():
+        raise InputError(f"{where}: engine must be one of {', '.join(engines.names())}, "
+                         f"got {preset.engine!r}")
+    for problem in engines.engine_class(preset.engine).validate(preset):
+        raise InputError(f"{where}: {problem}")
 
 
 def to_yaml(preset: Preset) -> str:
     """The preset as YAML, with only the section of the engine it uses (and `worker` for an
     engine that renders in resident workers)."""
-    from avatarcli import engines
-
     keep = {preset.engine, *(["worker"] if engines.resident(preset) else [])}
-    data = {k: v for k, v in preset.to_dict().items() if k not in SECTIONS or k in keep}
+    data = {k: v for k, v in preset.to_dict().items()
+            if k not in sections() or k in keep}
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

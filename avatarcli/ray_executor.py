@@ -79,7 +79,9 @@ EXIT_TASK_OOM = 4
 
 NEEDS_RAY = "--executor ray needs Ray: pip install 'avatarcli[ray]'"
 _EXIT_LINE = "ray: batch process exited with code "
-_LIVEAVATAR_BASE_PORT = 29101  # avatarcli.engines.liveavatar.BASE_PORT
+# torch.distributed's rendezvous port of torchrun-launched engines; each task replaces it
+# with one that is free on its node.
+_TORCHRUN_BASE_PORT = 29101
 
 
 def _import_ray() -> Any:
@@ -348,15 +350,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def batch_resources(preset: Preset | ResolvedPreset) -> tuple[float, float]:
-    """(CPUs, GPUs) one batch of `preset` asks of a node: liveavatar its `gpus_per_run` GPUs,
-    a command engine 1 GPU, the built-in engine 1 CPU and no GPU."""
+    """(CPUs, GPUs) one batch of `preset` asks of a node: what its engine declares
+    (Engine.resources)."""
+    from avatarcli import engines
+
     p = preset.preset if isinstance(preset, ResolvedPreset) else preset
-    gpus: float = 0
-    if p.engine == "liveavatar":
-        gpus = p.liveavatar.gpus_per_run
-    elif p.engine == "command":
-        gpus = 1  # external models (SadTalker, Wav2Lip...) want a GPU of their own
-    return 1, gpus
+    need = engines.engine_class(p.engine).resources(p)
+    return need.cpus, need.gpus
 
 
 class RayExecutor:
@@ -427,7 +427,7 @@ class RayExecutor:
         """The runner's slots for `jobs` tasks in flight, instead of `engine.slots()`: no GPU
         ids (Ray picks the GPUs on the node), and a torchrun port that each task replaces with
         one that is free on its node."""
-        return [{"MASTER_PORT": str(_LIVEAVATAR_BASE_PORT + i)} for i in range(jobs)]
+        return [{"MASTER_PORT": str(_TORCHRUN_BASE_PORT + i)} for i in range(jobs)]
 
     # -- Ray's lifetime ----------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from avatarcli.errors import EngineError, EnvironmentProblem, OutOfMemoryError
-from avatarcli.options import Preset, WorkerOptions
+from avatarcli.options import WorkerOptions
 from avatarcli.resident import ResidentHandle, ResidentPool
 from avatarcli.telemetry import Sampler
 
@@ -34,24 +34,7 @@ EXIT_OOM = 4  # what avatarcli.worker exits with on out-of-memory
 EXIT_ENVIRONMENT = EnvironmentProblem.exit_code  # ... on a problem of the machine (disk full)
 LOG_TAIL_LINES = 12
 
-# The default per-batch time limit (preset key batch_timeout_s = 0): a start-up allowance plus
-# a per-frame figure far above what the engine needs (about 40x the built-in engine on 2 CPU
-# cores, 50x LiveAvatar's 2.5 frames/s on one H100), so only a hung batch ever reaches it.
-# A command template's model is unknown: a fixed bound.
-TIMEOUT_START_S = {"builtin": 300.0, "liveavatar": 1800.0}
-TIMEOUT_PER_FRAME_S = {"builtin": 2.0, "liveavatar": 20.0}
-TIMEOUT_UNKNOWN_S = 6 * 3600.0
 TIMEOUT_RETRIES = 1  # a batch that timed out is launched once more before the job fails
-
-
-def batch_timeout_s(preset: Preset, frames: int) -> float:
-    """Seconds a batch of `frames` frames may run: the preset's batch_timeout_s, else derived
-    from the engine's expected time per frame, else TIMEOUT_UNKNOWN_S."""
-    if preset.batch_timeout_s > 0:
-        return preset.batch_timeout_s
-    if preset.engine in TIMEOUT_PER_FRAME_S:
-        return TIMEOUT_START_S[preset.engine] + TIMEOUT_PER_FRAME_S[preset.engine] * frames
-    return TIMEOUT_UNKNOWN_S
 
 
 class BatchTimeout(EngineError):

@@ -75,7 +75,7 @@ def load_task(job_dir: Path, index: int, rung: int,
         log.info("batch %d: out-of-memory retry rung %d: %s", index, rung,
                  values["oom_retry"][rung - 1])
     preset = presets.build(values, f"{job.manifest_path} preset")
-    return job, preset, task_from_manifest(job, manifest, index, env, preset.overlap_frames())
+    return job, preset, task_from_manifest(job, manifest, index, env, engines.seam_overlap(preset))
 
 
 def render_part(job_dir: Path, index: int) -> None:

@@ -1,4 +1,4 @@
-"""Check the memory planner (avatarcli.memory) against a real GPU on a few DiT-shaped layers.
+"""Check the memory planner (avatarcli.engines.liveavatar.memory) against a real GPU on a few DiT-shaped layers.
 
     python scripts/bench_memory_gpu.py [--preset liveavatar-80gb] [--layers 2]
                                        [--width W --height H] [--set KEY=VALUE ...]
@@ -16,7 +16,7 @@ torch.cuda reports for the same configuration. Exit status 2 without a CUDA GPU.
     python scripts/bench_memory_gpu.py --levers [--layers 8] [--storage bf16|int8|fp8]
                                        [--resident 8,6,4,2,0] [--steps 3] [--prefetch 1]
 
---levers runs the resident worker's block swap (avatarcli/engines/liveavatar_levers.py) over
+--levers runs the resident worker's block swap (avatarcli/engines/liveavatar/levers.py) over
 the LAYERS-block slice: the blocks are built in (pinned) host memory, converted to STORAGE,
 then K of them placed on the GPU and the rest streamed in one block ahead. Per K it prints the
 peak torch.cuda.max_memory_allocated over the forwards, the planner's estimate for the same
@@ -31,7 +31,9 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from avatarcli import memory, presets
+from avatarcli import presets
+from avatarcli.engines.liveavatar import memory
+from avatarcli.engines.liveavatar.options import options_of
 
 if TYPE_CHECKING:
     import torch
@@ -173,7 +175,7 @@ def run_levers(args: argparse.Namespace) -> int:
 
     import torch
 
-    from avatarcli.engines import liveavatar_levers as lv
+    from avatarcli.engines.liveavatar import levers as lv
 
     preset = presets.resolve(args.preset, presets.parse_set(args.overrides) or None).preset
     key_w, key_h = presets.parse_size(preset.size)
@@ -279,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     key_w, key_h = presets.parse_size(preset.size)
     w, h = args.width or key_w, args.height or key_h
     dim, heads, ffn = memory.DIT_DIM, memory.DIT_HEADS, memory.DIT_FFN
-    multi = preset.liveavatar.gpus_per_run == memory.GPUS_MULTI
+    multi = options_of(preset).gpus_per_run == memory.GPUS_MULTI
     cond_slots = memory.COND_CACHE_TOKENS_MULTI if multi else memory.COND_CACHE_TOKENS_SINGLE
     kv_len = memory.kv_tokens(preset.infer_frames, w, h)
     q_len = memory.query_tokens(w, h)

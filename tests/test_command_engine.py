@@ -198,7 +198,8 @@ def test_hung_model_is_stopped_retried_once_then_fails_resumably(media: dict[str
 
 def test_batch_timeout_defaults_follow_the_engine() -> None:
     from avatarcli import presets
-    from avatarcli.runner import TIMEOUT_UNKNOWN_S, batch_timeout_s
+    from avatarcli.engines import timeout_s as batch_timeout_s
+    from avatarcli.engines.base import TIMEOUT_UNKNOWN_S
 
     builtin = presets.resolve("cpu-preview").preset
     assert builtin.batch_timeout_s == 0  # derived unless a preset sets it

@@ -13,8 +13,9 @@ from test_telemetry import TWO_GPUS, fake_pynvml
 
 from avatarcli import doctor, gpus
 from avatarcli.doctor import Check
+from avatarcli.engines.liveavatar.options import LiveAvatarOptions
 from avatarcli.errors import InputError
-from avatarcli.options import LiveAvatarOptions, Preset
+from avatarcli.options import Preset
 
 STANDIN = Path(__file__).resolve().parent / "liveavatar_standin"
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -50,7 +51,7 @@ def by_name(checks: list[Check]) -> dict[str, list[Check]]:
 
 
 def liveavatar_preset(**opts: Any) -> Preset:
-    return Preset(engine="liveavatar", liveavatar=LiveAvatarOptions(**opts))
+    return Preset(engine="liveavatar", sections={"liveavatar": LiveAvatarOptions(**opts)})
 
 
 def test_this_machine_without_a_preset(tmp_path: Path, no_gpu: None) -> None:
@@ -113,13 +114,13 @@ def test_missing_ffmpeg_and_encoders(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_ffmpeg() -> str:
         raise InputError("ffmpeg not found")
 
-    monkeypatch.setattr(doctor.ffmpeg, "ffmpeg_exe", no_ffmpeg)
+    monkeypatch.setattr(doctor.ffmpeg_bin, "ffmpeg_exe", no_ffmpeg)
     [check] = doctor.check_ffmpeg()
     assert check.status == "fail" and "imageio-ffmpeg" in check.fix
 
-    monkeypatch.setattr(doctor.ffmpeg, "ffmpeg_exe", lambda: "/opt/ffmpeg")
-    monkeypatch.setattr(doctor.ffmpeg, "version", lambda: "6.1")
-    monkeypatch.setattr(doctor.ffmpeg, "encoders", lambda: {"libx264", "mpeg4"})
+    monkeypatch.setattr(doctor.ffmpeg_bin, "ffmpeg_exe", lambda: "/opt/ffmpeg")
+    monkeypatch.setattr(doctor.ffmpeg_bin, "version", lambda: "6.1")
+    monkeypatch.setattr(doctor.ffmpeg_bin, "encoders", lambda: {"libx264", "mpeg4"})
     [check] = doctor.check_ffmpeg()
     assert check.status == "fail" and "aac" in check.detail and "libx264" not in check.detail
 
@@ -134,7 +135,7 @@ def test_parse_encoders() -> None:
  A....D aac                  AAC (Advanced Audio Coding)
  S..... ass                  ASS (Advanced SubStation Alpha) subtitle
 """
-    assert doctor.ffmpeg.parse_encoders(text) == {"libx264", "mpeg4", "aac", "ass"}
+    assert doctor.ffmpeg_bin.parse_encoders(text) == {"libx264", "mpeg4", "aac", "ass"}
 
 
 @pytest.mark.parametrize(("free_gb", "status"), [(100.0, "ok"), (3.0, "warn"), (0.5, "fail")])

@@ -22,7 +22,7 @@ from PIL import Image
 
 from avatarcli import gpus, presets
 from avatarcli.engines.base import JobInputs, PartTask
-from avatarcli.engines.liveavatar import LiveAvatarEngine, frame_size, plus_free
+from avatarcli.engines.liveavatar.engine import LiveAvatarEngine, frame_size, plus_free
 from avatarcli.media import streams as m
 from avatarcli.media.ffmpeg_bin import ffmpeg_exe
 from avatarcli.plan import Batch
@@ -172,7 +172,7 @@ def test_settings_upstream_cannot_run_are_refused(overrides: dict[str, Any],
 
 
 def test_retry_rungs_that_cannot_lower_the_peak_warn(tmp_path: Path) -> None:
-    from avatarcli import memory
+    from avatarcli.engines.liveavatar import memory
 
     for name in ("liveavatar-80gb", "liveavatar-48gb-fp8", "liveavatar-5x80gb",
                  "liveavatar-24gb"):
@@ -333,8 +333,8 @@ def test_finished_video_is_in_sync_upright_and_the_planned_size(media: dict[str,
 def test_plan_gives_a_host_ram_verdict() -> None:
     from typer.testing import CliRunner
 
-    from avatarcli import memory
     from avatarcli.cli import app
+    from avatarcli.engines.liveavatar import memory
 
     est = memory.host_estimate(presets.resolve("liveavatar-48gb-fp8").preset, total_gb=None)
     # four per-step caches of 12672 tokens + their own 2800-token cond caches, bf16, 40 layers

@@ -1,4 +1,4 @@
-"""The memory levers (avatarcli/engines/liveavatar_levers.py) on a synthetic DiT with upstream's
+"""The memory levers (avatarcli/engines/liveavatar/levers.py) on a synthetic DiT with upstream's
 block layout, on the CPU standing in for the GPU: outputs bit-identical with and without block
 swap, quantised storage equal to its own dequantised reference, placement per block."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from avatarcli.engines import liveavatar_levers as lv
+from avatarcli.engines.liveavatar import levers as lv
 from tests.synthetic_dit import LAYERS, StandinPipe, make_dit
 
 CPU = torch.device("cpu")

@@ -5,9 +5,10 @@ from typing import Any
 
 import pytest
 
-from avatarcli import memory, presets
+from avatarcli import presets
+from avatarcli.engines.liveavatar import memory
+from avatarcli.engines.liveavatar.memory import GIB, Estimate
 from avatarcli.errors import InputError
-from avatarcli.memory import GIB, Estimate
 from avatarcli.options import Preset
 
 TOL = 0.1  # GiB: how close the field measurement must be reproduced

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from avatarcli import memory, presets
+from avatarcli import presets
 from avatarcli.cli import app
+from avatarcli.engines.liveavatar import memory
 from avatarcli.options import Preset
 
 runner = CliRunner()

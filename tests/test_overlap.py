@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from avatarcli import engines
 from avatarcli.media import assemble, streams
 from avatarcli.options import Preset
 from avatarcli.plan import Batch, lead_frames, make_plan, render_range
@@ -28,11 +29,11 @@ def test_render_ranges_extend_every_batch_but_the_first() -> None:
 
 
 def test_auto_overlap_only_for_engines_that_restart() -> None:
-    assert Preset(engine="builtin").overlap_frames() == 0
-    assert Preset(engine="command").overlap_frames() == 8
-    assert Preset(engine="liveavatar").overlap_frames() == 8
-    assert Preset(engine="liveavatar", seam_overlap=0).overlap_frames() == 0
-    assert Preset(engine="builtin", seam_overlap=3).overlap_frames() == 3
+    assert engines.seam_overlap(Preset(engine="builtin")) == 0
+    assert engines.seam_overlap(Preset(engine="command")) == 8
+    assert engines.seam_overlap(Preset(engine="liveavatar")) == 8
+    assert engines.seam_overlap(Preset(engine="liveavatar", seam_overlap=0)) == 0
+    assert engines.seam_overlap(Preset(engine="builtin", seam_overlap=3)) == 3
 
 
 def flat_part(path: Path, values: list[int]) -> Path:

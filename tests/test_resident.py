@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from avatarcli.engines import liveavatar_adapter
+from avatarcli.engines.liveavatar import adapter as liveavatar_adapter
 from avatarcli.media import streams as m
 
 pytestmark = pytest.mark.slow

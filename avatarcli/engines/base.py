@@ -1,4 +1,12 @@
-"""The small interface every engine implements, and what a batch process hands it."""
+"""The small interface every engine implements, and what a batch process hands it.
+
+An engine is one class that declares everything the rest of avatarcli asks of it: its preset
+section (`options`, a frozen dataclass), its validation rules, the resources one batch needs,
+whether it takes a prompt, whether it restarts at every batch, its set-up checks for
+`avatar doctor`, its expected speed (the default batch time limit) and, for a model kept
+loaded, its resident-worker hooks. The registry (`avatarcli.engines`) is built from the
+classes; nothing outside an engine's own folder names it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from avatarcli import procs
 from avatarcli.errors import EngineError, OutOfMemoryError
@@ -44,6 +52,35 @@ class PartTask:
 
 Progress = Callable[[int], None]  # frames of this part rendered so far
 
+# The default per-batch time limit of an engine that does not declare its speed (preset key
+# batch_timeout_s = 0): a command template's model is unknown, so a fixed bound.
+TIMEOUT_UNKNOWN_S = 6 * 3600.0
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one batch asks of a machine (a Ray node): CPUs, and GPUs per run."""
+
+    cpus: float = 1
+    gpus: int = 0
+    # The lowest CUDA compute capability a GPU needs for this preset, why, and the preset
+    # change that lifts the need (`avatar doctor` warns about each GPU below it).
+    min_compute: tuple[int, int] | None = None
+    min_compute_why: str = ""
+    min_compute_fix: str = ""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One result of an engine's set-up check, for `avatar doctor`: `key` is the preset key
+    to change ("" when the fix is not one key) and `fix` what to do."""
+
+    status: Literal["ok", "warn", "fail"]
+    detail: str
+    key: str = ""
+    fix: str = ""
+    name: str = ""  # what is checked; "" for the engine's set-up itself
+
 
 def run_model(cmd: list[str], *, cwd: Path | None, env: dict[str, str], label: str) -> None:
     """Run a model's command (output to the batch log); raise on failure, telling OOM apart."""
@@ -60,9 +97,52 @@ class Engine(ABC):
     """Renders one part (a batch's frames, video only) per call, inside a fresh process."""
 
     name: ClassVar[str]
+    # This engine's preset section (a frozen dataclass of knob() fields), or None.
+    options: ClassVar[type | None] = None
+    # `--prompt` goes to the `prompt` key of this engine's section.
+    takes_prompt: ClassVar[bool] = False
+    # Every batch starts afresh from the portrait (a model's state does not carry over from one
+    # launch to the next): seams get an overlap, and `gen` checks the output.
+    restarts: ClassVar[bool] = False
+    # Expected speed, for the default batch time limit: a start-up allowance plus seconds per
+    # frame far above what the engine needs, so only a hung batch reaches it. None: unknown.
+    timeout_start_s: ClassVar[float | None] = None
+    timeout_per_frame_s: ClassVar[float] = 0.0
 
     def __init__(self, preset: Preset) -> None:
         self.preset = preset
+
+    # -- what the engine declares, from the preset alone (no instance needed) ---------------
+
+    @classmethod
+    def validate(cls, preset: Preset) -> list[str]:
+        """Problems of a preset that uses this engine, beyond each knob's own bounds (rules that
+        tie knobs together, values the model supports); each names the key to change."""
+        return []
+
+    @classmethod
+    def resources(cls, preset: Preset) -> Resources:
+        """What one batch of `preset` asks of a node (the Ray executor, `avatar doctor`)."""
+        return Resources()
+
+    @classmethod
+    def timeout_s(cls, preset: Preset, frames: int) -> float:
+        """The default time limit of a batch of `frames` frames (batch_timeout_s = 0)."""
+        if cls.timeout_start_s is None:
+            return TIMEOUT_UNKNOWN_S
+        return cls.timeout_start_s + cls.timeout_per_frame_s * frames
+
+    @classmethod
+    def speed_key(cls, preset: Preset) -> dict[str, Any]:
+        """This engine's settings that decide the speed and memory of a batch, beyond the
+        common ones (size, clip length, steps): what the history of earlier jobs is keyed by."""
+        return {}
+
+    @classmethod
+    def doctor(cls, preset: Preset) -> list[Finding]:
+        """Set-up checks of this engine with this preset (installation, weights, this
+        machine's GPUs and RAM), for `avatar doctor`."""
+        return []
 
     @classmethod
     def renders_resident(cls, preset: Preset) -> bool:

@@ -9,13 +9,22 @@ from __future__ import annotations
 import logging
 import shlex
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from avatarcli import procs
-from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress, run_model
+from avatarcli.engines.base import (
+    Engine,
+    JobInputs,
+    PartTask,
+    Progress,
+    Resources,
+    run_model,
+)
 from avatarcli.errors import EngineError
 from avatarcli.media import streams
+from avatarcli.options import Preset, knob
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +46,38 @@ def template_fields(template: list[str]) -> set[str]:
     return names
 
 
+@dataclass(frozen=True)
+class CommandOptions:
+    """Any other model through a command template (used by the command engine)."""
+
+    # Argument list with placeholders such as {audio}, {image}, {out}.
+    template: list[str] = knob([], help="command template")
+    # Working directory of the command.
+    cwd: str = knob("", help="working directory")
+    # Extra environment for the command.
+    env: dict[str, str] = knob({}, help="extra environment")
+    # Glob inside {outdir} that finds the produced video when the model picks its own name.
+    output: str = knob("", help="output glob inside {outdir}")
+    # Text for the {prompt} placeholder.
+    prompt: str = knob("", help="text prompt")
+
+
 class CommandEngine(Engine):
     name = "command"
+    options = CommandOptions
+    takes_prompt = True
+    restarts = True  # each launch starts from the portrait again
+
+    def __init__(self, preset: Preset) -> None:
+        super().__init__(preset)
+        self.opts = preset.section(CommandOptions)
+
+    @classmethod
+    def resources(cls, preset: Preset) -> Resources:
+        return Resources(cpus=1, gpus=1)  # external models (SadTalker, Wav2Lip...) want a GPU
 
     def check(self, inputs: JobInputs) -> tuple[list[str], list[str]]:
-        opts = self.preset.command
+        opts = self.opts
         problems = []
         if not opts.template:
             return ["command.template is empty: give the model's command line as a list"], []
@@ -91,7 +127,7 @@ class CommandEngine(Engine):
 
     def describe(self, task: PartTask) -> str:
         cmd, env = self.command(task)
-        cwd = self.preset.command.cwd
+        cwd = self.opts.cwd
         prefix = f"cd {shlex.quote(cwd)} && " if cwd else ""
         assigns = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items())
         return f"{prefix}{assigns}{shlex.join(cmd)}"
@@ -108,7 +144,7 @@ class CommandEngine(Engine):
         streams.slice_audio(inp.audio, wav, start_s=b.start_s(inp.fps),
                           duration_s=b.frames / inp.fps)
         cmd, env = self.command(task)
-        cwd = Path(self.preset.command.cwd).expanduser() if self.preset.command.cwd else None
+        cwd = Path(self.opts.cwd).expanduser() if self.opts.cwd else None
         log.info("launch: %s", self.describe(task))
         run_model(cmd, cwd=cwd, env=env, label=f"batch {b.index}: {cmd[0]}")
         produced = self._find_output(out, outdir)
@@ -119,15 +155,15 @@ class CommandEngine(Engine):
         progress(b.frames)
 
     def _find_output(self, out: Path, outdir: Path) -> Path:
-        if "out" in template_fields(self.preset.command.template):
+        if "out" in template_fields(self.opts.template):
             found = out if out.is_file() and out.stat().st_size else None
         else:
-            matches = sorted((p for p in outdir.glob(self.preset.command.output) if p.is_file()),
+            matches = sorted((p for p in outdir.glob(self.opts.output) if p.is_file()),
                              key=lambda p: p.stat().st_mtime)
             found = matches[-1] if matches else None
         if found is None:
-            where = out if "out" in template_fields(self.preset.command.template) \
-                else f"{outdir}/{self.preset.command.output}"
+            where = out if "out" in template_fields(self.opts.template) \
+                else f"{outdir}/{self.opts.output}"
             raise EngineError(f"the command exited 0 but wrote no video ({where})")
         return found
 

@@ -3,17 +3,42 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress
+from avatarcli.options import knob
 
 CHUNK_FRAMES = 8  # frames per call: small chunks keep the encoder fed and memory flat (measured)
 
 
+@dataclass(frozen=True)
+class BuiltinOptions:
+    """Knobs of the built-in CPU animator."""
+
+    # Scales the mouth opening; 0 keeps the mouth closed.
+    mouth_gain: float = knob(1.0, bounds=(0.0, 3.0), help="mouth opening scale")
+    # Average blinks per minute; 0 disables blinking.
+    blink_rate_per_min: float = knob(15.0, bounds=(0.0, 60.0), help="blinks per minute")
+    # Head motion amplitude: 1 is subtle, 0 is still.
+    head_motion: float = knob(1.0, bounds=(0.0, 3.0), help="head motion scale")
+    # Show a hint of upper teeth when the mouth is wide open.
+    teeth: bool = knob(True, help="draw upper teeth when wide open")
+    # x264 speed/size trade-off for parts; all parts of a job must share it (they are joined by copy).
+    x264_preset: str = knob("veryfast", choices=("ultrafast", "superfast", "veryfast", "faster",
+                                                  "fast", "medium", "slow"), help="x264 preset")
+    # x264 constant rate factor: lower is better quality and bigger files.
+    crf: int = knob(20, bounds=(0, 51), help="x264 CRF")
+
+
 class BuiltinEngine(Engine):
     name = "builtin"
+    options = BuiltinOptions
+    # The default batch time limit: about 40x what it needs on 2 CPU cores.
+    timeout_start_s = 300.0
+    timeout_per_frame_s = 2.0
 
     def prepare(self, inputs: JobInputs) -> tuple[dict[str, Any], list[str]]:
         from PIL import Image
@@ -51,7 +76,7 @@ class BuiltinEngine(Engine):
         threads = int(os.environ.get("AVATARCLI_THREADS", "0"))
         if threads > 0:  # concurrent batches share the cores (OpenCV has its own pool)
             cv2.setNumThreads(threads)
-        opts = self.preset.builtin
+        opts = self.preset.section(BuiltinOptions)
         inp, batch = task.inputs, task.batch
         with Image.open(inp.portrait) as im:
             portrait = np.asarray(im.convert("RGB"))

@@ -27,12 +27,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from avatarcli import gpus, memory, procs
-from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress, run_model
+from avatarcli import gpus, procs
+from avatarcli.engines.base import (
+    Engine,
+    Finding,
+    JobInputs,
+    PartTask,
+    Progress,
+    Resources,
+    run_model,
+)
+from avatarcli.engines.liveavatar import memory
+from avatarcli.engines.liveavatar.options import MAX_STEPS, SIZES, LiveAvatarOptions, options_of
 from avatarcli.errors import EngineError, InputError, OutOfMemoryError
 from avatarcli.gpus import visible as gpus_visible
 from avatarcli.media import streams
-from avatarcli.options import LiveAvatarOptions, Preset
+from avatarcli.options import Preset
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +149,7 @@ def launch_clips(frames: int, infer_frames: int) -> int:
     return max(1, math.ceil((frames + FIRST_CLIP_DROP) / infer_frames))
 
 
-ADAPTER = Path(__file__).with_name("liveavatar_adapter.py")  # runs in LiveAvatar's env
+ADAPTER = Path(__file__).with_name("adapter.py")  # runs in LiveAvatar's env
 
 
 class Adapter:
@@ -218,12 +228,22 @@ class Adapter:
         procs.stop(self.proc, grace_s=10.0)
 
 
+SET_UP_FIX = ("set liveavatar.repo, ckpt_dir, lora_path and torchrun in the preset, with "
+              "--set liveavatar.KEY=VALUE, or through $AVATARCLI_LIVEAVATAR_*")
+
+
 class LiveAvatarEngine(Engine):
     name = "liveavatar"
+    options = LiveAvatarOptions
+    takes_prompt = True
+    restarts = True  # each launch starts from the portrait again
+    # The default batch time limit: about 50x its 2.5 frames/s on one H100.
+    timeout_start_s = 1800.0
+    timeout_per_frame_s = 20.0
 
     def __init__(self, preset: Preset) -> None:
         super().__init__(preset)
-        self.opts = preset.liveavatar
+        self.opts = options_of(preset)
         self.conf = settings(self.opts)
         self._adapter: Adapter | None = None
         self._loaded_now = False
@@ -233,7 +253,70 @@ class LiveAvatarEngine(Engine):
     @classmethod
     def renders_resident(cls, preset: Preset) -> bool:
         # One GPU only: upstream's 5-GPU mode (TPP, 5 ranks) keeps the script launch.
-        return preset.liveavatar.gpus_per_run == 1
+        return options_of(preset).gpus_per_run == 1
+
+    # -- what the engine declares from a preset ---------------------------------------------
+
+    @classmethod
+    def validate(cls, preset: Preset) -> list[str]:
+        o = options_of(preset)
+        if preset.size not in SIZES:
+            return [f"size must be one of LiveAvatar's area keys {', '.join(SIZES)}, "
+                    f"got {preset.size!r}"]
+        if not 1 <= preset.sample_steps <= MAX_STEPS:
+            return [f"sample_steps must be within [1, {MAX_STEPS}] for LiveAvatar (KV caches "
+                    f"exist for 4 steps), got {preset.sample_steps}"]
+        if o.gpus_per_run > 1 and preset.sample_steps != MAX_STEPS:
+            # TPP pipeline: DiT rank i runs only denoising step i, receiving from rank i-1 and
+            # sending to rank i+1, and the VAE rank receives from rank 3
+            # (causal_s2v_pipeline_tpp.py:1041, 1061-1093, 1095-1098): with fewer steps a rank
+            # waits for a send that never comes, and NCCL hangs until its timeout.
+            return [f"sample_steps must be exactly {MAX_STEPS} with {o.gpus_per_run} GPUs "
+                    f"(each DiT GPU runs one step; other values hang upstream), "
+                    f"got {preset.sample_steps}"]
+        if o.gpus_per_run == 1 and not preset.offload:
+            # Without --offload_model the VAE stays on the CPU where init_on_cpu left it and
+            # decoding fails after all the denoising (causal_s2v_pipeline.py:961-965, 1146-1153).
+            return ["offload must be true for LiveAvatar on one GPU (upstream's single-GPU path "
+                    "only decodes with --offload_model True; false fails after denoising)"]
+        if preset.fps != 25:
+            return [f"fps must be 25 for LiveAvatar (it renders at 25 fps), got {preset.fps}"]
+        return []
+
+    @classmethod
+    def resources(cls, preset: Preset) -> Resources:
+        o = options_of(preset)
+        if not o.fp8:
+            return Resources(cpus=1, gpus=o.gpus_per_run)
+        return Resources(cpus=1, gpus=o.gpus_per_run, min_compute=(8, 9),
+                         min_compute_why="the preset uses fp8",
+                         min_compute_fix="--set liveavatar.fp8=false")
+
+    @classmethod
+    def speed_key(cls, preset: Preset) -> dict[str, Any]:
+        o = options_of(preset)
+        return {"fp8": o.fp8, "offload_kv_cache": o.offload_kv_cache,
+                "gpus_per_run": o.gpus_per_run}
+
+    @classmethod
+    def doctor(cls, preset: Preset) -> list[Finding]:
+        """The set-up (checkout, checkpoints, LoRA, torchrun), and the host RAM one launch
+        needs at the area key's own frame size (the portrait is not known here)."""
+        engine = cls(preset)
+        problems, warnings = engine.setup_findings()
+        out = [*problems, *warnings]
+        if not problems:
+            conf = engine.conf
+            out.insert(0, Finding("ok", f"repo {conf['repo']}, ckpt {conf['ckpt_dir']}, "
+                                  f"lora {conf['lora_path']}, torchrun {conf['torchrun']}"))
+        host = memory.host_estimate(preset, total_gb=gpus.host_memory_gb())
+        detail = (f"one launch needs about {host.peak_gb:.1f} GB of RAM"
+                  + ("" if host.total_gb is None else f"; this machine has {host.total_gb:.1f} GB"))
+        out.append(Finding("ok" if host.fits else "fail", detail, name="host memory",
+                           fix="" if host.fits else "turn liveavatar.offload_kv_cache off or "
+                           f"lower clips_per_batch (or set {gpus.HOST_MEM_ENV} if the machine's "
+                           f"RAM is misread)"))
+        return out
 
     def model_key(self) -> str:
         """What the loaded pipeline depends on: checkout, environment, checkpoints, LoRA,
@@ -334,43 +417,65 @@ class LiveAvatarEngine(Engine):
         return problems, warnings
 
     def check_setup(self) -> tuple[list[str], list[str]]:
-        """(problems, warnings) of the installation and the preset alone (for `avatar doctor`)."""
-        problems: list[str] = []
-        warnings: list[str] = []
+        """(problems, warnings) of the installation and the preset alone."""
+        problems, warnings = self.setup_findings()
+        return [f.detail for f in problems], [f.detail for f in warnings]
+
+    def _fix(self, key: str) -> str:
+        """What to do about a problem with preset key `liveavatar.KEY` ("" : the set-up)."""
+        if not key:
+            return SET_UP_FIX
+        name = key.removeprefix("liveavatar.")
+        fix = f"set {key} in the preset or with --set {key}=..."
+        if name in ENV_VARS:
+            fix += f" (or ${ENV_VARS[name]})"
+        return fix
+
+    def setup_findings(self) -> tuple[list[Finding], list[Finding]]:
+        """(problems, warnings) of the installation and the preset alone, each with the preset
+        key that fixes it (for `avatar doctor`)."""
+        problems: list[tuple[str, str]] = []  # (detail, key)
+        warnings: list[Finding] = []
         if not self.conf["repo"]:
-            problems.append("liveavatar.repo is not set (preset key, --set liveavatar.repo=DIR "
-                            f"or ${ENV_VARS['repo']})")
+            problems.append(("liveavatar.repo is not set (preset key, --set liveavatar.repo=DIR "
+                             f"or ${ENV_VARS['repo']})", "liveavatar.repo"))
         elif not (self.repo / SCRIPT).is_file():
-            problems.append(f"{self.repo}: not a LiveAvatar checkout ({SCRIPT} not found)")
+            problems.append((f"{self.repo}: not a LiveAvatar checkout ({SCRIPT} not found)",
+                             "liveavatar.repo"))
         else:
-            problems += self._check_checkpoints()
+            problems += [(p, "liveavatar.ckpt_dir") for p in self._check_checkpoints()]
             if not self._in_repo(self.opts.training_config).is_file():
-                problems.append(f"{self._in_repo(self.opts.training_config)}: training config "
-                                f"not found (liveavatar.training_config)")
+                problems.append((f"{self._in_repo(self.opts.training_config)}: training config "
+                                 f"not found (liveavatar.training_config)",
+                                 "liveavatar.training_config"))
         if not self.conf["lora_path"]:
-            problems.append("liveavatar.lora_path is not set: give a LOCAL path to the "
-                            "Live-Avatar LoRA so nothing is downloaded at run time "
-                            f"(or ${ENV_VARS['lora_path']})")
+            problems.append(("liveavatar.lora_path is not set: give a LOCAL path to the "
+                             "Live-Avatar LoRA so nothing is downloaded at run time "
+                             f"(or ${ENV_VARS['lora_path']})", "liveavatar.lora_path"))
         elif self.conf["repo"] and not self._in_repo(self.conf["lora_path"]).is_file():
             # Upstream torch.load()s anything that is not .safetensors: a folder fails late.
-            problems.append(f"{self._in_repo(self.conf['lora_path'])}: LoRA file not found "
-                            f"(liveavatar.lora_path must name the file itself, e.g. "
-                            f"ckpt/LiveAvatar/liveavatar.safetensors)")
+            problems.append((f"{self._in_repo(self.conf['lora_path'])}: LoRA file not found "
+                             f"(liveavatar.lora_path must name the file itself, e.g. "
+                             f"ckpt/LiveAvatar/liveavatar.safetensors)", "liveavatar.lora_path"))
         torchrun = self.conf["torchrun"]
         if not procs.executable(torchrun, cwd=self.conf['repo'] or None):
-            problems.append(f"{torchrun}: torchrun not found (liveavatar.torchrun: the torchrun "
-                            f"of LiveAvatar's own environment)")
+            problems.append((f"{torchrun}: torchrun not found (liveavatar.torchrun: the torchrun "
+                             f"of LiveAvatar's own environment)", "liveavatar.torchrun"))
         o = self.opts
         if (o.resident_blocks < 40 or o.weight_storage != "bf16" or o.encoders != "gpu") \
                 and not renders_resident(self.preset):
-            problems.append("liveavatar.resident_blocks, weight_storage and encoders act only in "
-                            "a resident worker (one GPU, worker.max_batches > 1); upstream's "
-                            "script launch would ignore them and run out of memory")
+            problems.append(("liveavatar.resident_blocks, weight_storage and encoders act only "
+                             "in a resident worker (one GPU, worker.max_batches > 1); upstream's "
+                             "script launch would ignore them and run out of memory",
+                             "liveavatar.resident_blocks"))
+        change = "change the preset value named above (--set KEY=VALUE)"
         if self.preset.infer_frames % 12:
-            warnings.append(f"infer_frames={self.preset.infer_frames} is not a multiple of 12; "
-                            f"upstream denoises blocks of 3 latent frames (48 is the safe value)")
-        warnings += memory.rung_warnings(self.preset)
-        return problems, warnings
+            warnings.append(Finding(
+                "warn", f"infer_frames={self.preset.infer_frames} is not a multiple of 12; "
+                f"upstream denoises blocks of 3 latent frames (48 is the safe value)",
+                key="infer_frames", fix=change))
+        warnings += [Finding("warn", w, fix=change) for w in memory.rung_warnings(self.preset)]
+        return [Finding("fail", d, key=k, fix=self._fix(k)) for d, k in problems], warnings
 
     def _check_checkpoints(self) -> list[str]:
         ckpt = self._in_repo(self.conf["ckpt_dir"])

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avatarcli import analysis, memory, presets
+from avatarcli import analysis, presets
+from avatarcli.engines.liveavatar import memory
+from avatarcli.engines.liveavatar.options import options_of
 from avatarcli.errors import InputError
 from avatarcli.gpus import GpuFact, fp8_capable
 from avatarcli.plan import make_plan
@@ -63,7 +65,7 @@ def memory_plan(resolved: presets.ResolvedPreset, *, gpus: int | None, gpu_mem_g
                 host_mem_gb: float | None = None) -> MemoryPlan:
     """The per-GPU memory estimate of a preset, and with AUDIO the batch plan."""
     p = resolved.preset
-    count = gpus or (p.liveavatar.gpus_per_run if p.engine == "liveavatar" else len(facts))
+    count = gpus or (options_of(p).gpus_per_run if p.engine == "liveavatar" else len(facts))
     mem = gpu_mem_gb if gpu_mem_gb is not None else smallest_card_gb(facts)
     est = None
     if p.engine == "liveavatar":
@@ -112,8 +114,8 @@ def auto_preset(facts: list[GpuFact], host_mem_gb: float | None = None) -> tuple
         if info.origin != "built-in":
             continue
         p = presets.resolve(name).preset
-        if p.engine == "liveavatar" and (fp8_ok or not p.liveavatar.fp8):
-            if host_mem_gb is not None and p.liveavatar.gpus_per_run == 1 and not (
+        if p.engine == "liveavatar" and (fp8_ok or not options_of(p).fp8):
+            if host_mem_gb is not None and options_of(p).gpus_per_run == 1 and not (
                     memory.host_estimate(p, total_gb=host_mem_gb).fits):
                 continue
             candidates[name] = p

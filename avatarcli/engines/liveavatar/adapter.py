@@ -71,10 +71,10 @@ class Channel:
 
 
 def load_levers() -> Any:
-    """liveavatar_levers.py from this file's folder, by path (avatarcli is not installed)."""
+    """levers.py from this file's folder, by path (avatarcli is not installed)."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "liveavatar_levers.py")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "levers.py")
     spec = importlib.util.spec_from_file_location("avatarcli_liveavatar_levers", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from avatarcli import presets
-from avatarcli.options import LiveAvatarOptions, Preset
+from avatarcli.engines.liveavatar.options import LiveAvatarOptions, options_of, with_options
+from avatarcli.options import Preset
 from avatarcli.presets import parse_size
 
 GIB = 2**30
@@ -129,7 +130,7 @@ CUDA_CONTEXT_GB = 0.6
 DRIVER_VISIBLE_FRACTION = 23.65 / 24.0
 
 # --------------------------------------------------------------------------------------------
-# Levers of the resident worker (avatarcli/engines/liveavatar_levers.py) and their cost.
+# Levers of the resident worker (avatarcli/engines/liveavatar/levers.py) and their cost.
 # --------------------------------------------------------------------------------------------
 # Host-to-device copy rate from PINNED memory, GiB/s. Assumption: PCIe 4.0 x16 is 31.5 GB/s
 # (16 GT/s x 16 lanes x 128/130) in theory; pinned copies reach ~75% of it in practice
@@ -179,8 +180,8 @@ class FieldCase:
         extra = ["--dit_fsdp"] if self.dit_sharding == "fsdp" else []
         return Preset(engine="liveavatar", size=self.size, infer_frames=self.infer_frames,
                       sample_steps=self.sample_steps, offload=self.offload,
-                      liveavatar=LiveAvatarOptions(gpus_per_run=self.gpus, fp8=self.fp8,
-                                                   extra_args=extra))
+                      sections={"liveavatar": LiveAvatarOptions(gpus_per_run=self.gpus,
+                                                                fp8=self.fp8, extra_args=extra)})
 
 
 FIELD_CASES: tuple[FieldCase, ...] = (
@@ -397,7 +398,7 @@ def per_layer_estimate(preset: Preset, layers: int, *, width: int | None = None,
     compare with torch.cuda.max_memory_allocated(). With `resident` (block swap over the
     slice): resident blocks plus the swap slots, in `storage`."""
     w, h = _frame_size(preset, width, height)
-    multi = preset.liveavatar.gpus_per_run == GPUS_MULTI
+    multi = options_of(preset).gpus_per_run == GPUS_MULTI
     cond_slots = COND_CACHE_TOKENS_MULTI if multi else COND_CACHE_TOKENS_SINGLE
     on_gpu = layers if resident is None else resident + min(layers - resident, prefetch + 1)
     return {
@@ -511,7 +512,7 @@ def step_cost(preset: Preset, *, width: int | None = None, height: int | None = 
     the cond cache and the text tokens (upper bounds). Model-independent overheads (VAE decode,
     encoders, Python) are left out: a lower bound on time, for ranking the levers.
     """
-    opts = preset.liveavatar
+    opts = options_of(preset)
     w, h = _frame_size(preset, width, height)
     storage = storage_of(opts)
     q = FRAMES_PER_BLOCK * frame_tokens(w, h)
@@ -537,7 +538,7 @@ def step_cost(preset: Preset, *, width: int | None = None, height: int | None = 
 
 def lever_lines(preset: Preset) -> list[str]:
     """One line per lever: what it is set to and what it puts where."""
-    opts = preset.liveavatar
+    opts = options_of(preset)
     storage = storage_of(opts)
     k, swapped = opts.resident_blocks, swapped_blocks(opts)
     out = [f"lever resident_blocks={k}: {k} of {DIT_LAYERS} blocks on the GPU "
@@ -642,14 +643,14 @@ def estimate(preset: Preset, *, gpus: int | None = None, gpu_mem_gb: float,
              dit_sharding: Sharding = "auto") -> Estimate:
     """Per-GPU peak memory of one LiveAvatar launch of `preset` on `gpus` cards of `gpu_mem_gb`.
 
-    gpus: GPUs of one launch, 1 or 5 (default: preset.liveavatar.gpus_per_run). width/height:
+    gpus: GPUs of one launch, 1 or 5 (default: options_of(preset).gpus_per_run). width/height:
     the real frame size (portrait.output_size); default the area key's own sides.
     dit_sharding (5 GPUs): "replica" as upstream runs it, "fsdp" as the field measurement
     describes it; "auto" is fsdp only when liveavatar.extra_args holds --dit_fsdp.
     """
     if preset.engine != "liveavatar":
         raise ValueError(f"the memory model covers the liveavatar engine, not {preset.engine!r}")
-    opts = preset.liveavatar
+    opts = options_of(preset)
     n = opts.gpus_per_run if gpus is None else gpus
     if n not in (1, GPUS_MULTI):
         raise ValueError(f"LiveAvatar runs on 1 GPU or on {GPUS_MULTI} (4 DiT + 1 VAE), not {n}; "
@@ -829,7 +830,7 @@ def host_estimate(preset: Preset, *, total_gb: float | None, width: int | None =
     frames: decoded frames of the launch (default: a full batch, clips_per_batch clips).
     """
     w, h = _frame_size(preset, width, height)
-    opts = preset.liveavatar
+    opts = options_of(preset)
     multi = opts.gpus_per_run == GPUS_MULTI
     n = frames if frames is not None else preset.clips_per_batch * preset.infer_frames
     comps: dict[str, float] = {"process": PROCESS_HOST_GB}
@@ -961,7 +962,7 @@ def fit_levers(preset: Preset, *, gpus: int = 1, gpu_mem_gb: float,
     """
     if preset.engine != "liveavatar":
         raise ValueError(f"--fit covers the liveavatar engine, not {preset.engine!r}")
-    opts = preset.liveavatar
+    opts = options_of(preset)
     if opts.fp8:
         storages = [("bf16", True)]
     elif opts.weight_storage == "fp8":
@@ -976,7 +977,7 @@ def fit_levers(preset: Preset, *, gpus: int = 1, gpu_mem_gb: float,
                     cand_opts = dataclasses.replace(
                         opts, gpus_per_run=1, fp8=fp8, weight_storage=storage,
                         offload_kv_cache=kv_host, encoders=enc, resident_blocks=k)
-                    cand = dataclasses.replace(preset, liveavatar=cand_opts, offload=True)
+                    cand = with_options(preset, cand_opts, offload=True)
                     est = estimate(cand, gpus=1, gpu_mem_gb=gpu_mem_gb, width=width,
                                    height=height)
                     if not (est.fits and est.size_supported and est.headroom_gb >= FIT_MARGIN_GB):
@@ -1032,7 +1033,7 @@ def calibration_report() -> list[str]:
 def _quality(preset: Preset) -> tuple[int, int, int, int, int]:
     w, h = parse_size(preset.size)
     return (w * h, preset.sample_steps, preset.infer_frames, int(not preset.offload),
-            int(not preset.liveavatar.fp8))
+            int(not options_of(preset).fp8))
 
 
 def best_fit(presets: dict[str, Preset], gpus: int,
@@ -1043,7 +1044,7 @@ def best_fit(presets: dict[str, Preset], gpus: int,
     then no fp8; ties go to the name that sorts first. A preset needs gpus_per_run <= gpus.
     """
     ranked = sorted(((name, p) for name, p in presets.items()
-                     if p.engine == "liveavatar" and p.liveavatar.gpus_per_run <= gpus),
+                     if p.engine == "liveavatar" and options_of(p).gpus_per_run <= gpus),
                     key=lambda item: (tuple(-v for v in _quality(item[1])), item[0]))
     for name, preset in ranked:
         est = estimate(preset, gpu_mem_gb=gpu_mem_gb)
