@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,15 +22,8 @@ import yaml
 
 from avatarcli import presets
 from avatarcli.errors import AvatarError, BusyError, EnvironmentProblem, InputError
-from avatarcli.pipeline import (
-    Events,
-    default_output,
-    generate,
-    job_folder_of,
-    name_problem,
-    output_is_current,
-    path_problem,
-)
+from avatarcli.inputs import default_output, path_problems
+from avatarcli.pipeline import Events, GenerateOptions, generate, output_is_current
 from avatarcli.resident import ResidentPool
 from avatarcli.runner import Executor, cancel_all
 
@@ -178,26 +170,10 @@ def validate(rows: list[Row], *, preset: str | None, overrides: list[str]) -> li
 
 def _check(row: Row, preset: str | None, overrides: list[str],
            seen: dict[Path, str]) -> str | None:
-    for what, p in (("audio", row.audio), ("image", row.image), ("output", row.output)):
-        bad = path_problem(p, what)
-        if bad:
-            return bad
-        if what != "output" and not p.is_file():
-            return f"{p}: {what} file not found"
-        if what != "output" and not os.access(p, os.R_OK):
-            return f"{p}: {what} file is not readable"
-        inside = job_folder_of(p)
-        if inside is not None:
-            return (f"{p}: {what} lies inside the job folder {inside}, which is removed when "
-                    f"that job finishes")
-    folder = row.output.parent
-    if not folder.is_dir():
-        return f"{row.output}: output folder {folder} does not exist"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"{row.output}: output folder {folder} is not writable"
-    too_long = name_problem(row.output)
-    if too_long:
-        return too_long
+    # The checks of `avatar gen`; an existing output is the row's to skip or redo.
+    problems = path_problems(row.audio, row.image, row.output, output_may_exist=True)
+    if problems:
+        return problems[0]
     key = row.output.resolve()
     if key in seen:
         return f"{row.output}: same output as {seen[key]}"
@@ -264,8 +240,9 @@ def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
         return RowResult(row.where, out, "failed", "output exists, made from other inputs or "
                          "settings (use --redo to render it again)", 2)
     try:
-        result = generate(row.audio, row.image, row.resolved, output=row.output, jobs=jobs,
-                          gpus=gpus, force=redo, keep_parts=keep_parts, events=events,
+        result = generate(row.audio, row.image, row.resolved, output=row.output,
+                          options=GenerateOptions(jobs=jobs, gpus=gpus, force=redo,
+                                                  keep_parts=keep_parts), events=events,
                           executor=None if executor is None else executor.for_row(
                               row.resolved.preset),
                           pool=pool)

@@ -14,12 +14,16 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from avatarcli import __version__
 from avatarcli.errors import InputError
+from avatarcli.plan import Plan, render_range
+
+if TYPE_CHECKING:
+    from avatarcli.engines.base import PartTask
 
 MANIFEST_VERSION = 1
 PART_STATES = ("pending", "running", "done", "failed")
@@ -334,3 +338,132 @@ class JobLock:
 
     def __exit__(self, *_: object) -> None:
         self.release()
+
+
+# -- the job record, typed ----------------------------------------------------------------------
+
+
+@dataclass
+class PartRecord:
+    """One batch's part in the job record: its state and what rendering it measured."""
+
+    index: int
+    state: str = "pending"  # one of PART_STATES
+    pid: int | None = None
+    attempts: int = 0
+    seconds: float | None = None
+    error: str | None = None
+    failure: str | None = None  # "oom", "environment", "timeout", "crash", ...
+    sha256: str | None = None  # of the verified part: what a resume checks before reusing it
+    rung: int = 0  # the out-of-memory retry rung that rendered it
+    started: str | None = None
+    finished: str | None = None
+    telemetry: dict[str, Any] = field(default_factory=dict)
+    worker: dict[str, Any] = field(default_factory=dict)  # the resident worker that rendered it
+
+    def mark_pending(self) -> None:
+        self.state, self.pid = "pending", None
+
+    def mark_running(self, pid: int) -> None:
+        self.state, self.pid, self.started = "running", pid, now()
+        self.attempts += 1
+
+    def mark_done(self, *, sha256: str | None, seconds: float, rung: int,
+                  telemetry: dict[str, Any], worker: dict[str, Any]) -> None:
+        self.state, self.pid, self.finished = "done", None, now()
+        self.sha256, self.seconds, self.rung = sha256, round(seconds, 3), rung
+        self.error = self.failure = None
+        self.telemetry = telemetry
+        if worker:
+            self.worker = worker
+
+    def mark_failed(self, kind: str, message: str, telemetry: dict[str, Any]) -> None:
+        self.state, self.pid, self.finished = "failed", None, now()
+        self.failure, self.error = kind, (message.splitlines() or [""])[0]
+        self.telemetry = telemetry
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if not self.worker:
+            del out["worker"]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PartRecord:
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in d.items() if k in known}
+        for key, empty in (("rung", 0), ("attempts", 0), ("telemetry", {}), ("worker", {})):
+            data[key] = data.get(key) or empty
+        return cls(**data)
+
+
+@dataclass
+class Manifest:
+    """The job record (`manifest.json`): what the job renders and the state of every part.
+    Only the parent process writes it (JobDir.save, atomically); a batch process reads its
+    task from it (Manifest.task)."""
+
+    key: str
+    output: str
+    inputs: dict[str, dict[str, Any]]  # "audio"/"image" -> file_digest()
+    preset: dict[str, Any]  # name, origin, values (Preset.to_dict())
+    audio: dict[str, Any]  # duration_s, silent
+    plan: Plan
+    parts: list[PartRecord]
+    face: tuple[int, int, int, int] | None = None  # in output pixels
+    engine_state: dict[str, Any] = field(default_factory=dict)  # Engine.prepare()
+    warnings: list[str] = field(default_factory=list)
+    created: str = field(default_factory=now)
+    finished: str | None = None
+    workers: list[dict[str, Any]] = field(default_factory=list)  # resident workers' records
+    check: dict[str, Any] = field(default_factory=dict)  # `avatar check` of the output
+
+    @classmethod
+    def new(cls, *, key: str, output: Path, inputs: dict[str, dict[str, Any]],
+            preset: dict[str, Any], audio: dict[str, Any], plan: Plan,
+            face: tuple[int, int, int, int] | None, engine_state: dict[str, Any],
+            warnings: list[str]) -> Manifest:
+        return cls(key=key, output=str(output), inputs=inputs, preset=preset, audio=audio,
+                   plan=plan, parts=[PartRecord(b.index) for b in plan.batches], face=face,
+                   engine_state=engine_state, warnings=list(warnings))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "manifest_version": MANIFEST_VERSION, "key": self.key, "created": self.created,
+            "output": self.output, "inputs": self.inputs,
+            "preset": self.preset, "audio": self.audio,
+            "face": list(self.face) if self.face else None, "plan": self.plan.to_dict(),
+            "engine_state": self.engine_state, "warnings": self.warnings,
+            "parts": [p.to_dict() for p in self.parts],
+        }
+        if self.finished is not None:
+            out.update(finished=self.finished, workers=self.workers, check=self.check)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        """From a record manifest_problem() found usable."""
+        face = d.get("face")
+        return cls(key=d["key"], output=d.get("output", ""), inputs=d["inputs"],
+                   preset=d["preset"], audio=d["audio"], plan=Plan.from_dict(d["plan"]),
+                   parts=[PartRecord.from_dict(p) for p in d["parts"]],
+                   face=(face[0], face[1], face[2], face[3]) if face else None,
+                   engine_state=d.get("engine_state") or {}, warnings=d.get("warnings") or [],
+                   created=d.get("created", ""), finished=d.get("finished"),
+                   workers=d.get("workers") or [], check=d.get("check") or {})
+
+    def task(self, job: JobDir, index: int, *, overlap_frames: int = 0,
+             env: dict[str, str] | None = None) -> PartTask:
+        """Batch `index` as the task a batch process renders (to a temporary name); with a
+        seam overlap it starts `overlap_frames` earlier (see plan.render_range)."""
+        from avatarcli.engines.base import JobInputs, PartTask
+
+        inputs = JobInputs(
+            # The recording decoded once into the job: every part is cut from the same timeline.
+            audio=job.audio if job.audio.is_file() else Path(self.inputs["audio"]["path"]),
+            image=Path(self.inputs["image"]["path"]), job_dir=job.path,
+            portrait=job.portrait, features=job.features, width=self.plan.width,
+            height=self.plan.height, fps=self.plan.fps, face=self.face)
+        return PartTask(inputs=inputs, batch=render_range(self.plan, index, overlap_frames),
+                        out=job.temp_part(index), engine_state=self.engine_state,
+                        env=env or {})

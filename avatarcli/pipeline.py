@@ -1,12 +1,15 @@
 """`generate`: speech + portrait -> verified MP4. The core API the CLI calls; it never prints.
 
-Flow: validate everything -> analyse audio -> plan -> job directory -> one process per pending
-batch -> assemble -> verify -> publish atomically.
+Three steps, each returning what the next needs: `prepare` (every input checked, the audio
+analysed and planned; nothing written), `render_parts` (the job record opened or started, one
+process per missing batch) and `finish` (assembly with the original audio, verification,
+publication, the post-render check). `generate` runs them under the job's lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -21,13 +24,20 @@ from avatarcli import analysis, engines, history, presets
 from avatarcli.check import seam_tag
 from avatarcli.engines.base import Engine, JobInputs, PartTask
 from avatarcli.errors import AvatarError, InputError
-from avatarcli.job import JobDir, JobLock, file_digest, job_key, now, part_digest
+from avatarcli.inputs import (
+    analyse_and_plan,
+    check_audio,
+    default_output,
+    path_problem,
+    path_problems,
+)
+from avatarcli.job import JobDir, JobLock, Manifest, file_digest, job_key, now, part_digest
 from avatarcli.media import portrait, streams
 from avatarcli.media.assemble import assemble
 from avatarcli.media.ffmpeg_bin import ffmpeg_exe
 from avatarcli.media.verify import is_whole
 from avatarcli.options import Preset, rendering_values
-from avatarcli.plan import Plan, lead_frames, make_plan, render_range
+from avatarcli.plan import Plan, lead_frames, render_range
 from avatarcli.presets import ResolvedPreset, parse_size
 from avatarcli.resident import ResidentPool
 from avatarcli.runner import BatchResult, Executor, Hooks, Resident, Runner
@@ -35,6 +45,18 @@ from avatarcli.telemetry import Telemetry, aggregate
 
 log = logging.getLogger(__name__)
 TAG_PREFIX = "avatarcli job "  # the output's comment tag: which job made it
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How a job runs (what it renders is the preset's business): one object for `gen`,
+    each row of `batch`, and the Python API."""
+
+    jobs: int = 1  # batch processes at once
+    gpus: str | None = None  # GPU ids for model engines (--gpus), None: all visible
+    dry_run: bool = False  # plan only; render nothing
+    force: bool = False  # overwrite the output; discard a mismatching or damaged job
+    keep_parts: bool = False  # keep the job folder after success
 
 
 @dataclass
@@ -111,6 +133,26 @@ class Result:
         }
 
 
+@dataclass
+class Prepared:
+    """A job checked and planned; nothing written yet."""
+
+    resolved: ResolvedPreset
+    engine: Engine
+    output: Path
+    job: JobDir
+    inputs: JobInputs
+    rgb: np.ndarray  # the portrait as loaded (EXIF-rotated RGB)
+    feats: analysis.AudioFeatures
+    plan: Plan
+    slots: list[dict[str, str]]  # environment of each batch process that may run at once
+    warnings: list[str]
+
+    @property
+    def preset(self) -> Preset:
+        return self.resolved.preset
+
+
 def planned_workers(batches: int, slots: int, max_batches: int) -> list[dict[str, Any]]:
     """Which batches each resident worker will take, if none is replaced early (memory
     bounds or a failure replace one sooner): slot s takes batches s, s+k, ... in turn, and a
@@ -123,150 +165,89 @@ def planned_workers(batches: int, slots: int, max_batches: int) -> list[dict[str
     return out
 
 
-def default_output(audio: Path) -> Path:
-    out = audio.with_suffix(".mp4")
-    return out.with_name(audio.stem + ".avatar.mp4") if out == audio else out
-
-
-def path_problem(path: Path, what: str) -> str | None:
-    """Why `path` cannot be used as given (a symlink loop, a name that is not UTF-8 or too
-    long, a path through a file), or None. Nothing is created."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        return f"{path}: {what} path is not valid UTF-8; rename the file"
-    try:
-        os.stat(path)
-    except FileNotFoundError:
-        return None  # said by the caller, which knows whether it must exist
-    except OSError as exc:
-        return f"{path}: {what} path cannot be used ({exc.strerror})"
-    except ValueError:  # a NUL byte
-        return f"{str(path)!r}: {what} path contains a NUL byte"
-    return None
-
-
-def job_folder_of(path: Path) -> Path | None:
-    """The job folder (`OUT.parts/` with a manifest or lock) that `path` lies inside, if any.
-
-    Such a folder is removed when its job finishes, taking anything put there with it."""
-    try:
-        real = path.resolve()
-    except (OSError, RuntimeError):  # a symlink loop: reported by path_problem
-        return None
-    for folder in real.parents:
-        if folder.name.endswith(".parts") and ((folder / "manifest.json").is_file()
-                                               or (folder / "lock").is_file()):
-            return folder
-    return None
-
-
-def name_problem(output: Path) -> str | None:
-    """The output's name must leave room for its job folder (`NAME.parts`) and temporaries."""
-    try:
-        limit = os.pathconf(output.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    if len(os.fsencode(output.name)) + len(".parts") > limit:
-        return (f"{output}: output file name is too long for this filesystem "
-                f"(at most {limit - len('.parts')} bytes, to leave room for its job folder)")
-    return None
-
-
-def _check_paths(audio: Path, image: Path, output: Path, *, force: bool,
-                 dry_run: bool) -> list[str]:
-    problems = []
-    for what, path in (("audio", audio), ("image", image)):
-        bad = path_problem(path, what)
-        if bad:
-            problems.append(bad)
-        elif not path.exists():
-            problems.append(f"{path}: {what} file not found")
-        elif not path.is_file():
-            problems.append(f"{path}: {what} is not a file")
-        elif not os.access(path, os.R_OK):
-            problems.append(f"{path}: {what} file is not readable")
-        elif (inside := job_folder_of(path)) is not None:
-            problems.append(f"{path}: {what} file lies inside the job folder {inside}, which "
-                            f"is removed when that job finishes; move it elsewhere")
-    bad = path_problem(output, "output") or path_problem(output.parent, "output folder")
-    if bad:
-        problems.append(bad)
-        return problems
-    folder = output.parent
-    job = JobDir.for_output(output).path
-    if not folder.is_dir():
-        problems.append(f"{output}: output folder {folder} does not exist")
-    elif not os.access(folder, os.W_OK | os.X_OK):
-        problems.append(f"{output}: output folder {folder} is not writable")
-    elif output.is_dir():
-        problems.append(f"{output}: output is a folder")
-    elif (inside := job_folder_of(output)) is not None:
-        problems.append(f"{output}: output lies inside the job folder {inside}, which is "
-                        f"removed when that job finishes; choose another folder")
-    elif (too_long := name_problem(output)) is not None:
-        problems.append(too_long)
-    elif (job.exists() or job.is_symlink()) and not job.is_dir():
-        problems.append(f"{job}: the job folder of {output.name} exists but is not a folder; "
-                        f"move it away")
-    elif output.exists() and not force and not dry_run:
-        problems.append(f"{output}: output exists (use --force to overwrite)")
-    try:
-        if output.resolve() in (audio.resolve(), image.resolve()):
-            problems.append(f"{output}: output would overwrite an input")
-    except (OSError, RuntimeError):  # a symlink loop among the inputs: reported above
-        pass
-    return problems
-
-
-def _check_audio(audio: Path) -> None:
-    info = streams.probe(audio)
-    if info.first("audio") is None:
-        if info.format.endswith("_pipe") or info.format.startswith("image2"):
-            kind = "not an audio file (it is an image)"
-        elif info.first("video") is not None:
-            kind = "a video file with no audio stream"
-        else:
-            kind = "not an audio file (no audio stream)"
-        raise InputError(f"{audio}: {kind}")
-
-
-def _raise_all(problems: list[str]) -> None:
-    if problems:
-        raise InputError("\n".join(problems))
-
-
-def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path | None = None,
-             jobs: int = 1, gpus: str | None = None, dry_run: bool = False, force: bool = False,
-             keep_parts: bool = False, face: tuple[int, int, int, int] | None = None,
-             events: Events | None = None, executor: Executor | None = None,
-             pool: ResidentPool | None = None) -> Result:
+def generate(audio: Path | str, image: Path | str, preset: ResolvedPreset | str | None = None,
+             *, output: Path | str | None = None, face: tuple[int, int, int, int] | None = None,
+             options: GenerateOptions | None = None, events: Events | None = None,
+             executor: Executor | None = None, pool: ResidentPool | None = None,
+             **changes: Any) -> Result:
     """Render `audio` + `image` to `output` (default: the audio's path with .mp4).
 
-    Resumes a matching job in `OUTPUT.parts/`; raises InputError for bad input (nothing is
-    created), EngineError when a batch or the verification fails (the job can be resumed).
-    `pool`: resident workers shared with other jobs (`avatar batch`); by default a job whose
-    engine renders in resident workers gets its own pool, closed at the end.
+    `preset`: a resolved preset, or a preset name or YAML file (default cpu-preview).
+    `options` (or its fields as keyword arguments): how the job runs. Resumes a matching job
+    in `OUTPUT.parts/`; raises InputError for bad input (nothing is created), EngineError
+    when a batch or the verification fails (the job can be resumed). `pool`: resident
+    workers shared with other jobs (`avatar batch`); by default a job whose engine renders in
+    resident workers gets its own pool, closed at the end.
     """
+    opts = dataclasses.replace(options or GenerateOptions(), **changes)
     events = events or Events()
     started = time.monotonic()
+    resolved = preset if isinstance(preset, ResolvedPreset) else presets.resolve(preset)
+    job = prepare(Path(audio), Path(image), resolved, output=Path(output) if output else None,
+                  face=face, options=opts, executor=executor)
+    for w in job.warnings:
+        events.warn(w)
+    if opts.dry_run:
+        return _dry_run(job, executor, started)
+
+    # Under the job's lock: another live process rendering it makes this one stop.
+    use_pool = executor is None and engines.resident(job.preset)
+    own_pool = use_pool and pool is None
+    if own_pool:
+        pool = ResidentPool()
+    try:
+        with JobLock(job.job):
+            if job.output.exists() and not opts.force:  # it may have appeared meanwhile
+                raise InputError(f"{job.output}: output exists (use --force to overwrite)")
+            manifest, reused, rendered = render_parts(
+                job, force=opts.force, events=events, executor=executor,
+                pool=pool if use_pool else None)
+            checked = finish(job, manifest, force=opts.force, events=events,
+                             pool=pool if use_pool else None)
+            if not opts.keep_parts:
+                job.job.remove()  # under the lock: no other process starts on a half-removed job
+    except OSError as exc:
+        if exc.filename is None:  # a write through a library (an image, an array): say where
+            exc.filename = str(job.job.path)
+        raise
+    finally:
+        if own_pool and pool is not None:
+            pool.close()
+    telemetry = aggregate(p.telemetry for p in manifest.parts)
+    history.record(job.preset, telemetry)
+    return Result(
+        output=job.output, job_dir=job.job.path, duration_s=job.feats.duration_s,
+        frames=job.plan.frames, width=job.plan.width, height=job.plan.height, fps=job.plan.fps,
+        preset=resolved.name, engine=job.preset.engine,
+        batches=_views(job, manifest), rendered=rendered, reused=reused,
+        seconds=time.monotonic() - started,
+        warnings=[*job.warnings, *manifest.warnings, *checked.warnings], telemetry=telemetry,
+        workers=[{k: w[k] for k in ("id", "pid", "load_s", "render_s", "ended")}
+                 | {"batches": len(w["batches"])} for w in manifest.workers] if use_pool else [],
+        check=checked.figures)
+
+
+def prepare(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path | None,
+            face: tuple[int, int, int, int] | None, options: GenerateOptions,
+            executor: Executor | None) -> Prepared:
+    """Check every input, the ffmpeg binary and the engine's set-up (all problems reported
+    together, as one InputError), then analyse the audio and plan the batches."""
     preset = resolved.preset
     output = (output or default_output(audio)).expanduser().absolute()
     audio, image = audio.expanduser().absolute(), image.expanduser().absolute()
-    if jobs < 1:
-        raise InputError(f"--jobs must be at least 1, got {jobs}")
+    if options.jobs < 1:
+        raise InputError(f"--jobs must be at least 1, got {options.jobs}")
     engine = engines.create(preset)
     job = JobDir.for_output(output)
-
-    # 1. Every input, the ffmpeg binary and the engine's set-up, all problems reported together.
-    problems = _check_paths(audio, image, output, force=force, dry_run=dry_run)
-    rgb = None
+    may_exist = options.force or options.dry_run
+    problems = path_problems(audio, image, output, output_may_exist=may_exist)
     ffmpeg_exe()  # a missing or broken ffmpeg is this machine's problem: said first, alone
     if not path_problem(audio, "audio") and audio.is_file():
         try:
-            _check_audio(audio)
+            check_audio(audio)
         except InputError as exc:
             problems.append(str(exc))
+    rgb = None
     if not path_problem(image, "image") and image.is_file():
         try:
             rgb = portrait.load(image)
@@ -287,112 +268,72 @@ def generate(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path
                            face=out_face)
         engine_problems, warnings = engine.check(inputs)
         # A dry run still prints the commands, so engine set-up problems only warn there.
-        (warnings if dry_run else problems).extend(engine_problems)
-    _raise_all(problems)
+        (warnings if options.dry_run else problems).extend(engine_problems)
+    if problems:
+        raise InputError("\n".join(problems))
     assert rgb is not None and inputs is not None
     # A cluster decides which GPUs a batch gets; on this machine the engine shares them out.
-    slots = (executor.slots(jobs) if executor is not None else None) or engine.slots(jobs, gpus)
-
-    # 2. Audio analysis (one streaming decode) and the plan.
-    feats = analysis.analyse(audio, preset.fps)
-    if feats.frames == 0:
-        raise InputError(f"{audio}: audio has zero length")
+    slots = ((executor.slots(options.jobs) if executor is not None else None)
+             or engine.slots(options.jobs, options.gpus))
+    feats, plan = analyse_and_plan(audio, preset, inputs.width, inputs.height)
     if feats.silent:
         warnings.append(f"{audio}: the audio is silence only; the mouth will stay closed")
-    plan = make_plan(feats.frames, fps=preset.fps, width=inputs.width, height=inputs.height,
-                     infer_frames=preset.infer_frames, clips_per_batch=preset.clips_per_batch,
-                     loudness_db=feats.db)
-    result = Result(output=output, job_dir=job.path, duration_s=feats.duration_s,
-                    frames=plan.frames, width=plan.width, height=plan.height, fps=plan.fps,
-                    preset=resolved.name, engine=preset.engine, batches=[], dry_run=dry_run,
-                    warnings=warnings)
-    for w in warnings:
+    return Prepared(resolved, engine, output, job, inputs, rgb, feats, plan, slots, warnings)
+
+
+def _dry_run(job: Prepared, executor: Executor | None, started: float) -> Result:
+    workers = []
+    if executor is None and engines.resident(job.preset):
+        workers = planned_workers(len(job.plan.batches), len(job.slots),
+                                  job.preset.worker.max_batches)
+    return Result(output=job.output, job_dir=job.job.path, duration_s=job.feats.duration_s,
+                  frames=job.plan.frames, width=job.plan.width, height=job.plan.height,
+                  fps=job.plan.fps, preset=job.resolved.name, engine=job.preset.engine,
+                  batches=_views(job, None), dry_run=True, warnings=job.warnings,
+                  workers=workers, seconds=time.monotonic() - started)
+
+
+def render_parts(job: Prepared, *, force: bool, events: Events, executor: Executor | None,
+                 pool: ResidentPool | None) -> tuple[Manifest, list[int], list[int]]:
+    """Resume or start the job record and render every part that is missing.
+    Returns (the record, batches reused, batches rendered)."""
+    preset = job.preset
+    digests = {"audio": file_digest(job.inputs.audio), "image": file_digest(job.inputs.image)}
+    key = _key(digests, preset, job.inputs.face)
+    manifest = _open_job(job, key, digests, force=force) or _new_job(job, key, digests)
+    for w in manifest.warnings:  # the engine's own (Engine.prepare), from the job's start
         events.warn(w)
-    if dry_run:
-        result.batches = _views(plan, engine, inputs, job, {}, slots)
-        if executor is None and engines.resident(preset):
-            result.workers = planned_workers(len(plan.batches), len(slots),
-                                             preset.worker.max_batches)
-        result.seconds = time.monotonic() - started
-        return result
-
-    # 3-5. Under the job's lock: another live process rendering it makes this one stop.
-    use_pool = executor is None and engines.resident(preset)
-    own_pool = use_pool and pool is None
-    if own_pool:
-        pool = ResidentPool()
-    try:
-        with JobLock(job):
-            if output.exists() and not force:  # it may have appeared while we were checking
-                raise InputError(f"{output}: output exists (use --force to overwrite)")
-            _run_job(job, engine, resolved, inputs, plan, feats, rgb, slots, result, events,
-                     force=force, executor=executor, pool=pool if use_pool else None)
-            if not keep_parts:
-                job.remove()  # under the lock, so no other process starts on a half-removed job
-    except OSError as exc:
-        if exc.filename is None:  # a write through a library (an image, an array): say where
-            exc.filename = str(job.path)
-        raise
-    finally:
-        if own_pool and pool is not None:
-            pool.close()
-    result.seconds = time.monotonic() - started
-    return result
-
-
-def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobInputs,
-             plan: Plan, feats: analysis.AudioFeatures, rgb: np.ndarray,
-             slots: list[dict[str, str]], result: Result, events: Events, *,
-             force: bool, executor: Executor | None, pool: ResidentPool | None) -> None:
-    """Resume or start the job, render what is missing, assemble and verify the output."""
-    preset = resolved.preset
-    digests = {"audio": file_digest(inputs.audio), "image": file_digest(inputs.image)}
-    key = _key(digests, preset, inputs.face)
-    expected = {"plan": plan.to_dict(), "face": list(inputs.face) if inputs.face else None,
-                "inputs": {k: v["sha256"] for k, v in digests.items()},
-                "values": _rendering(preset)}
-    manifest = _open_job(job, key, force=force, expected=expected)
-    if manifest is None:
-        manifest = _new_job(job, key, digests, resolved, plan, feats, rgb, inputs, engine,
-                            events, result)
-    else:
-        result.warnings.extend(manifest.get("warnings", []))
-        for w in manifest.get("warnings", []):
-            events.warn(w)
-    plan = Plan.from_dict(manifest["plan"])
-    parts = manifest["parts"]
-    if not job.audio.is_file():  # a job made before the timeline was kept in it
-        _decode_timeline(job, inputs.audio, feats, plan)
+    plan, records, store = manifest.plan, manifest.parts, job.job
+    if not store.audio.is_file():  # a job made before the timeline was kept in it
+        _decode_timeline(job)
 
     # A part is reused only if it is the very file that was verified (its content hash):
     # another valid video of the same length and size put in its place is rendered again.
     overlap = engines.seam_overlap(preset)
-    reused = [p["index"] for p in parts if p["state"] == "done"
-              and part_digest(job.part(p["index"])) == p.get("sha256")
-              and is_whole(job.part(p["index"]),
-                           frames=render_range(plan, p["index"], overlap).frames,
+    reused = [p.index for p in records if p.state == "done"
+              and part_digest(store.part(p.index)) == p.sha256
+              and is_whole(store.part(p.index),
+                           frames=render_range(plan, p.index, overlap).frames,
                            width=plan.width, height=plan.height, fps=plan.fps)]
     pending = [b.index for b in plan.batches if b.index not in reused]
     for i in pending:
-        if parts[i]["state"] == "done":
-            events.warn(f"{job.part(i)}: damaged or missing; rendering batch {i} again")
-        parts[i].update(state="pending", pid=None)
-    job.save(manifest)
-    result.reused, result.rendered = reused, pending
+        if records[i].state == "done":
+            events.warn(f"{store.part(i)}: damaged or missing; rendering batch {i} again")
+        records[i].mark_pending()
+    store.save(manifest.to_dict())
     if reused:
-        events.info(f"resuming {job.path}: {len(reused)} of {len(parts)} parts already done")
+        events.info(f"resuming {store.path}: {len(reused)} of {len(records)} parts already done")
 
-    # One process per pending batch.
     done_frames = sum(plan.batches[i].frames for i in reused)
     with events.progress(plan.frames, done_frames) as bar:
-        hooks = _manifest_hooks(job, manifest, bar)
+        hooks = _manifest_hooks(store, manifest, bar)
         resident = None
         if pool is not None:  # a model key per retry rung: a rung may need another model
             keys = [engines.create(presets.build(presets.rung_values(
                         {**preset.to_dict(), "oom_retry": []}, preset.oom_retry, k),
                         "oom_retry")).model_key() for k in range(len(preset.oom_retry) + 1)]
             resident = Resident(pool, keys, preset.worker)
-        runner = Runner(job.path, job.log, slots=slots, cooldown_s=preset.cooldown_s,
+        runner = Runner(store.path, store.log, slots=job.slots, cooldown_s=preset.cooldown_s,
                         oom_rungs=len(preset.oom_retry), hooks=hooks, executor=executor,
                         resident=resident,
                         timeout_s=lambda i: engines.timeout_s(preset, plan.batches[i].frames))
@@ -400,55 +341,62 @@ def _run_job(job: JobDir, engine: Engine, resolved: ResolvedPreset, inputs: JobI
             runner.run(pending)
         finally:
             with hooks.lock:
-                for p in parts:
-                    if p["state"] == "running":
-                        p.update(state="pending", pid=None)
-                job.save(manifest)
+                for p in records:
+                    if p.state == "running":
+                        p.mark_pending()
+                store.save(manifest.to_dict())
+    return manifest, reused, pending
 
-    # Join, mux the original audio once, verify, publish.
-    job.remove_temporaries()  # of an assembly killed in an earlier run
-    assemble([job.part(b.index) for b in plan.batches], job.audio, result.output,
+
+@dataclass(frozen=True)
+class Checked:
+    """What the post-render check said: its figures (for `--json`) and warnings."""
+
+    figures: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def finish(job: Prepared, manifest: Manifest, *, force: bool, events: Events,
+           pool: ResidentPool | None) -> Checked:
+    """Join the parts, mux the original audio once, verify, publish; then `avatar check` the
+    output of an engine that restarts at every batch, and record it all in the job."""
+    plan, store, preset = manifest.plan, job.job, job.preset
+    overlap = engines.seam_overlap(preset)
+    store.remove_temporaries()  # of an assembly killed in an earlier run
+    assemble([store.part(b.index) for b in plan.batches], store.audio, job.output,
              leads=[lead_frames(plan.batches, b.index, overlap) for b in plan.batches],
-             audio_s=feats.duration_s, frames=plan.frames, width=plan.width,
-             height=plan.height, fps=plan.fps, tag=f"{TAG_PREFIX}{key}", work_dir=job.path,
-             overwrite=force, seams=seam_tag([b.frame_start for b in plan.batches[1:]], overlap))
-    manifest["finished"] = now()
+             audio_s=job.feats.duration_s, frames=plan.frames, width=plan.width,
+             height=plan.height, fps=plan.fps, tag=f"{TAG_PREFIX}{manifest.key}",
+             work_dir=store.path, overwrite=force,
+             seams=seam_tag([b.frame_start for b in plan.batches[1:]], overlap))
+    manifest.finished = now()
     if pool is not None:
-        manifest["workers"] = pool.records(job.path)
-        result.workers = [{k: w[k] for k in ("id", "pid", "load_s", "render_s", "ended")}
-                          | {"batches": len(w["batches"])} for w in manifest["workers"]]
+        manifest.workers = pool.records(store.path)
+    checked = Checked()
     if preset.check and engines.engine_class(preset.engine).restarts:
-        manifest["check"] = _post_check(result, inputs.audio, events)
-    job.save(manifest)
-    result.batches = _views(plan, engine, inputs, job, manifest, slots)
-    result.telemetry = aggregate(p.get("telemetry") for p in parts)
-    history.record(preset, result.telemetry)
+        checked, manifest.check = _post_check(job.output, job.inputs.audio, events)
+    store.save(manifest.to_dict())
+    return checked
 
 
-def _rendering(preset: Preset) -> dict[str, Any]:
-    return rendering_values(preset.to_dict())
-
-
-def _post_check(result: Result, audio: Path, events: Events) -> dict[str, Any]:
-    """`avatar check` on the published output: figures into the result, warnings shown."""
+def _post_check(output: Path, audio: Path, events: Events) -> tuple[Checked, dict[str, Any]]:
+    """`avatar check` on the published output: (figures and warnings, the whole report)."""
     from avatarcli import check
 
     try:
-        report = check.check(result.output, audio)
+        report = check.check(output, audio)
     except AvatarError as exc:
-        message = f"{result.output}: could not be checked ({exc})"
+        message = f"{output}: could not be checked ({exc})"
         events.warn(message)
-        result.warnings.append(message)
-        return {}
-    result.check = check.quick_figures(report)
-    for w in check.warnings(report):
+        return Checked(warnings=[message]), {}
+    warnings = check.warnings(report)
+    for w in warnings:
         events.warn(w)
-        result.warnings.append(w)
-    return report.to_dict()
+    return Checked(check.quick_figures(report), warnings), report.to_dict()
 
 
 def _key(digests: dict[str, Any], preset: Preset, face: tuple[int, int, int, int] | None) -> str:
-    rendering = _rendering(preset)
+    rendering = rendering_values(preset.to_dict())
     rendering["face"] = list(face) if face else None
     return job_key(digests, rendering)
 
@@ -468,38 +416,42 @@ def output_is_current(output: Path, audio: Path, image: Path, preset: Preset) ->
     return info.tags.get("comment") == f"{TAG_PREFIX}{_key(digests, preset, None)}"
 
 
-def _open_job(job: JobDir, key: str, *, force: bool,
-              expected: dict[str, Any]) -> dict[str, Any] | None:
-    """The existing manifest when it belongs to this job; None to start a new job.
+def _open_job(job: Prepared, key: str, digests: dict[str, Any], *,
+              force: bool) -> Manifest | None:
+    """The existing record when it belongs to this job; None to start a new job.
 
     With `force`, a job record that cannot be used as it is (damaged, hand-edited, another
     job's) is always discarded: --force starts over whatever is in the folder."""
-    if not job.exists():
+    store = job.job
+    if not store.exists():
         return None
     try:
-        manifest = job.load()
-        if manifest["key"] == key:
-            _check_consistent(job, manifest, expected)
+        data = store.load()
+        if data["key"] == key:
+            _check_consistent(store, data, {
+                "plan": job.plan.to_dict(), "face": list(job.inputs.face) if job.inputs.face
+                else None, "inputs": {k: v["sha256"] for k, v in digests.items()},
+                "values": rendering_values(job.preset.to_dict())})
     except InputError:
         if force:
-            job.clear()
+            store.clear()
             return None
         raise
-    if manifest["key"] == key:
-        return manifest
+    if data["key"] == key:
+        return Manifest.from_dict(data)
     if not force:
-        raise InputError(f"{job.path}: holds a job made from different inputs or settings; "
+        raise InputError(f"{store.path}: holds a job made from different inputs or settings; "
                          f"rerun with --force to discard it and start over")
-    job.clear()
+    store.clear()
     return None
 
 
-def _check_consistent(job: JobDir, manifest: dict[str, Any], expected: dict[str, Any]) -> None:
+def _check_consistent(job: JobDir, data: dict[str, Any], expected: dict[str, Any]) -> None:
     """A record with this job's key must say what this job would say now (the plan, inputs,
     face and settings are all decided by the key); anything else was edited or damaged."""
-    found = {"plan": manifest["plan"], "face": manifest.get("face"),
-             "inputs": {k: v["sha256"] for k, v in manifest["inputs"].items()},
-             "values": rendering_values(manifest["preset"]["values"])}
+    found = {"plan": data["plan"], "face": data.get("face"),
+             "inputs": {k: v["sha256"] for k, v in data["inputs"].items()},
+             "values": rendering_values(data["preset"]["values"])}
     for name, value in expected.items():
         if found[name] != value:
             raise InputError(f"{job.manifest_path}: job manifest is damaged ({name} differs "
@@ -507,52 +459,40 @@ def _check_consistent(job: JobDir, manifest: dict[str, Any], expected: dict[str,
                              f"to start the job over")
 
 
-def _decode_timeline(job: JobDir, audio: Path, feats: analysis.AudioFeatures,
-                     plan: Plan) -> None:
+def _decode_timeline(job: Prepared) -> None:
     """Decode the recording once into the job (`audio.wav`); slicing and muxing use only
     that file, so the length planned is the length muxed, on every run."""
-    seconds = streams.decode_to_wav(audio, job.audio)
-    if analysis.frame_count(seconds, plan.fps) != plan.frames:
-        job.audio.unlink(missing_ok=True)
-        raise InputError(f"{audio}: decodes to {feats.duration_s:.3f} s in one pass and "
-                         f"{seconds:.3f} s in another; re-encode it (e.g. to WAV) and retry")
+    seconds = streams.decode_to_wav(job.inputs.audio, job.job.audio)
+    if analysis.frame_count(seconds, job.plan.fps) != job.plan.frames:
+        job.job.audio.unlink(missing_ok=True)
+        raise InputError(f"{job.inputs.audio}: decodes to {job.feats.duration_s:.3f} s in one "
+                         f"pass and {seconds:.3f} s in another; re-encode it (e.g. to WAV) and "
+                         f"retry")
 
 
-def _new_job(job: JobDir, key: str, digests: dict[str, Any], resolved: ResolvedPreset,
-             plan: Plan, feats: analysis.AudioFeatures, rgb: np.ndarray, inputs: JobInputs,
-             engine: Engine, events: Events, result: Result) -> dict[str, Any]:
+def _new_job(job: Prepared, key: str, digests: dict[str, Any]) -> Manifest:
+    """Create the job folder with its prepared inputs (audio timeline, fitted portrait,
+    features, the engine's state) and its record."""
     from PIL import Image
 
-    job.create()
-    _decode_timeline(job, inputs.audio, feats, plan)
-    fitted = portrait.fit(rgb, plan.width, plan.height)
-    tmp = job.portrait.with_suffix(".tmp.png")
+    store = job.job
+    store.create()
+    _decode_timeline(job)
+    fitted = portrait.fit(job.rgb, job.plan.width, job.plan.height)
+    tmp = store.portrait.with_suffix(".tmp.png")
     Image.fromarray(fitted).save(tmp)
-    os.replace(tmp, job.portrait)
-    tmp = job.features.with_suffix(".tmp.npy")
-    np.save(tmp, feats.features)
-    os.replace(tmp, job.features)
-    state, warnings = engine.prepare(inputs)
-    for w in warnings:
-        events.warn(w)
-    result.warnings.extend(warnings)
-    manifest: dict[str, Any] = {
-        "manifest_version": 1,
-        "key": key,
-        "created": now(),
-        "output": str(result.output),
-        "inputs": digests,
-        "preset": {"name": resolved.name, "origin": resolved.origin,
-                   "values": resolved.preset.to_dict()},
-        "audio": {"duration_s": feats.duration_s, "silent": feats.silent},
-        "face": list(inputs.face) if inputs.face else None,
-        "plan": plan.to_dict(),
-        "engine_state": state,
-        "warnings": warnings,
-        "parts": [{"index": b.index, "state": "pending", "pid": None, "attempts": 0,
-                   "seconds": None, "error": None, "failure": None} for b in plan.batches],
-    }
-    job.save(manifest)
+    os.replace(tmp, store.portrait)
+    tmp = store.features.with_suffix(".tmp.npy")
+    np.save(tmp, job.feats.features)
+    os.replace(tmp, store.features)
+    state, warnings = job.engine.prepare(job.inputs)
+    manifest = Manifest.new(
+        key=key, output=job.output, inputs=digests,
+        preset={"name": job.resolved.name, "origin": job.resolved.origin,
+                "values": job.preset.to_dict()},
+        audio={"duration_s": job.feats.duration_s, "silent": job.feats.silent},
+        plan=job.plan, face=job.inputs.face, engine_state=state, warnings=warnings)
+    store.save(manifest.to_dict())
     return manifest
 
 
@@ -562,47 +502,46 @@ def _with_frames(telemetry: dict[str, Any], frames: int) -> dict[str, Any]:
     return t.to_dict()
 
 
-def _manifest_hooks(job: JobDir, manifest: dict[str, Any], bar: Any) -> Hooks:
-    parts = manifest["parts"]
-    frames = [b["frame_end"] - b["frame_start"] for b in manifest["plan"]["batches"]]
+def _manifest_hooks(store: JobDir, manifest: Manifest, bar: Any) -> Hooks:
+    parts = manifest.parts
+    frames = [b.frames for b in manifest.plan.batches]
+
+    def save() -> None:
+        store.save(manifest.to_dict())
 
     def started(index: int, pid: int) -> None:
-        parts[index].update(state="running", pid=pid, started=now(),
-                            attempts=parts[index].get("attempts", 0) + 1)
-        job.save(manifest)
+        parts[index].mark_running(pid)
+        save()
 
     def finished(r: BatchResult) -> None:
         # The verified part's content hash: what a resume checks before reusing it.
-        parts[r.index].update(state="done", pid=None, finished=now(), rung=r.rung,
-                              sha256=part_digest(job.part(r.index)),
-                              seconds=round(r.seconds, 3), error=None, failure=None,
-                              telemetry=_with_frames(r.telemetry, frames[r.index]))
-        if r.worker:  # which resident worker rendered it, and whether it paid the load
-            parts[r.index]["worker"] = r.worker
-        job.save(manifest)
+        parts[r.index].mark_done(sha256=part_digest(store.part(r.index)), seconds=r.seconds,
+                                 rung=r.rung, telemetry=_with_frames(r.telemetry,
+                                                                     frames[r.index]),
+                                 worker=r.worker)
+        save()
 
     def failed(index: int, kind: str, message: str, telemetry: dict[str, Any]) -> None:
-        parts[index].update(state="failed", pid=None, finished=now(), failure=kind,
-                            error=message.splitlines()[0], telemetry=telemetry)
-        job.save(manifest)
+        parts[index].mark_failed(kind, message, telemetry)
+        save()
 
     return Hooks(started=started, progress=lambda index, n: bar.update(n), finished=finished,
                  failed=failed)
 
 
-def _views(plan: Plan, engine: Engine, inputs: JobInputs, job: JobDir,
-           manifest: dict[str, Any], slots: list[dict[str, str]]) -> list[BatchView]:
-    parts = manifest.get("parts") or [{"state": "planned"}] * len(plan.batches)
-    state = manifest.get("engine_state") or {}
+def _views(job: Prepared, manifest: Manifest | None) -> list[BatchView]:
+    plan = job.plan
+    state = manifest.engine_state if manifest is not None else {}
+    overlap = engines.seam_overlap(job.preset)
     views = []
-    overlap = engines.seam_overlap(engine.preset)
     for b in plan.batches:
+        part = manifest.parts[b.index] if manifest is not None else None
         # Batches take slots in turn when they run concurrently; an overlap starts them earlier.
-        task = PartTask(inputs=inputs, batch=render_range(plan, b.index, overlap),
-                        out=job.part(b.index), engine_state=state,
-                        env=slots[b.index % len(slots)])
+        task = PartTask(inputs=job.inputs, batch=render_range(plan, b.index, overlap),
+                        out=job.job.part(b.index), engine_state=state,
+                        env=job.slots[b.index % len(job.slots)])
         views.append(BatchView(b.index, b.frame_start, b.frame_end, b.start_s(plan.fps),
-                               b.end_s(plan.fps), b.clips, parts[b.index]["state"],
-                               engine.describe(task), parts[b.index].get("rung") or 0,
-                               parts[b.index].get("telemetry") or {}))
+                               b.end_s(plan.fps), b.clips,
+                               part.state if part else "planned", job.engine.describe(task),
+                               part.rung if part else 0, part.telemetry if part else {}))
     return views

@@ -26,12 +26,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from avatarcli import engines, presets
-from avatarcli.engines.base import Engine, JobInputs, PartTask
+from avatarcli.engines.base import Engine, PartTask
 from avatarcli.errors import AvatarError, EnvironmentProblem, OutOfMemoryError, from_os_error
-from avatarcli.job import JobDir
+from avatarcli.job import JobDir, Manifest
 from avatarcli.media.verify import check_video
 from avatarcli.options import Preset
-from avatarcli.plan import Plan, render_range
 
 log = logging.getLogger("avatarcli.worker")
 
@@ -45,37 +44,19 @@ class Orphaned(Exception):
     pass
 
 
-def task_from_manifest(job: JobDir, manifest: dict, index: int,
-                       env: dict[str, str] | None = None, overlap_frames: int = 0) -> PartTask:
-    """The PartTask for batch `index`, built from the manifest alone; with a seam overlap
-    the batch starts `overlap_frames` earlier (see plan.render_range)."""
-    plan = Plan.from_dict(manifest["plan"])
-    face = manifest.get("face")
-    inputs = JobInputs(
-        # The recording decoded once into the job: every part is cut from the same timeline.
-        audio=job.audio if job.audio.is_file() else Path(manifest["inputs"]["audio"]["path"]),
-        image=Path(manifest["inputs"]["image"]["path"]),
-        job_dir=job.path, portrait=job.portrait, features=job.features,
-        width=plan.width, height=plan.height, fps=plan.fps,
-        face=(face[0], face[1], face[2], face[3]) if face else None,
-    )
-    return PartTask(inputs=inputs, batch=render_range(plan, index, overlap_frames),
-                    out=job.temp_part(index),
-                    engine_state=manifest.get("engine_state", {}), env=env or {})
-
-
 def load_task(job_dir: Path, index: int, rung: int,
               env: dict[str, str]) -> tuple[JobDir, Preset, PartTask]:
     """The job, the preset (with out-of-memory retry rungs 1..rung applied) and the task."""
     job = JobDir(job_dir)
-    manifest = job.load()
-    values = manifest["preset"]["values"]
+    manifest = Manifest.from_dict(job.load())
+    values = manifest.preset["values"]
     if rung:  # an out-of-memory retry: the preset's lighter settings, rungs 1..k
         values = presets.rung_values(values, values["oom_retry"], rung)
         log.info("batch %d: out-of-memory retry rung %d: %s", index, rung,
                  values["oom_retry"][rung - 1])
     preset = presets.build(values, f"{job.manifest_path} preset")
-    return job, preset, task_from_manifest(job, manifest, index, env, engines.seam_overlap(preset))
+    return job, preset, manifest.task(job, index, overlap_frames=engines.seam_overlap(preset),
+                                      env=env)
 
 
 def render_part(job_dir: Path, index: int) -> None:
