@@ -187,16 +187,18 @@ def _check(row: Row, preset: str | None, overrides: list[str],
     return None
 
 
-def run_batch(rows: list[Row], *, redo: bool = False, jobs: int = 1, gpus: str | None = None,
-              keep_parts: bool = False, events: Events | None = None,
+def run_batch(rows: list[Row], options: GenerateOptions | None = None, *,
+              events: Events | None = None,
               row_events: Callable[[Row], Events] | None = None,
               on_result: Callable[[RowResult], None] | None = None,
               executor: Executor | None = None, rows_at_once: int = 1) -> list[RowResult]:
     """Render each valid row; record failures and go on. Interruptions stop the batch.
 
+    `options` apply to every row (`force`: render rows whose output is current again);
     `rows_at_once` > 1 renders several rows at the same time (on a cluster executor); results
     keep the manifest's order.
     """
+    options = options or GenerateOptions()
     events = events or Events()
     lock = threading.Lock()
     # Rows whose settings load the same model share resident workers (one load for many rows).
@@ -204,8 +206,7 @@ def run_batch(rows: list[Row], *, redo: bool = False, jobs: int = 1, gpus: str |
 
     def one(row: Row) -> RowResult:
         started = time.monotonic()
-        result = _one(row, redo=redo, jobs=jobs, gpus=gpus, keep_parts=keep_parts,
-                      events=row_events(row) if row_events else events, executor=executor,
+        result = _one(row, options, events=row_events(row) if row_events else events, executor=executor,
                       pool=workers)
         result.seconds = round(time.monotonic() - started, 2)
         if on_result is not None:
@@ -229,20 +230,18 @@ def run_batch(rows: list[Row], *, redo: bool = False, jobs: int = 1, gpus: str |
             workers.close()
 
 
-def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
-         events: Events, executor: Executor | None, pool: ResidentPool | None) -> RowResult:
+def _one(row: Row, options: GenerateOptions, *, events: Events, executor: Executor | None, pool: ResidentPool | None) -> RowResult:
     out = str(row.output)
     if row.problem is not None or row.resolved is None:
         return RowResult(row.where, out, "failed", row.problem or "invalid row", 2)
-    if row.output.exists() and not redo:
+    if row.output.exists() and not options.force:
         if output_is_current(row.output, row.audio, row.image, row.resolved.preset):
             return RowResult(row.where, out, "skipped", "output is current")
         return RowResult(row.where, out, "failed", "output exists, made from other inputs or "
                          "settings (use --redo to render it again)", 2)
     try:
         result = generate(row.audio, row.image, row.resolved, output=row.output,
-                          options=GenerateOptions(jobs=jobs, gpus=gpus, force=redo,
-                                                  keep_parts=keep_parts), events=events,
+                          options=options, events=events,
                           executor=None if executor is None else executor.for_row(
                               row.resolved.preset),
                           pool=pool)

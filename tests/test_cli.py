@@ -171,7 +171,7 @@ def test_an_unexpected_error_is_one_line_and_exit_70(media: dict[str, Path], tmp
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(cli, "generate", broken)
+    monkeypatch.setattr(cli.gen, "generate", broken)
     result = runner.invoke(app, ["gen", str(media["speech6"]), str(media["portrait"]),
                                  "-o", str(tmp_path / "x.mp4")])
     assert result.exit_code == 70

@@ -24,7 +24,7 @@ def fake_gpus(monkeypatch: pytest.MonkeyPatch, n: int, total_gb: float,
 
 
 def test_plan_reproduces_the_5x24gb_field_case() -> None:
-    result = runner.invoke(app, ["plan", "-p", "liveavatar-5x80gb", "--gpus", "5",
+    result = runner.invoke(app, ["plan", "-p", "liveavatar-5x80gb", "--gpu-count", "5",
                                  "--gpu-mem", "24", "--set", "liveavatar.extra_args=[--dit_fsdp]",
                                  "--json"])
     assert result.exit_code == 0, result.output  # --json reports; the verdict is in "fits"
@@ -139,3 +139,26 @@ def test_auto_preset_needs_the_host_ram_of_its_levers(media: dict[str, Path], tm
     result = runner.invoke(app, ["gen", str(media["speech6"]), str(media["portrait"]),
                                  "-o", str(tmp_path / "x.mp4"), "-p", "auto", "--dry-run"])
     assert "preset auto: liveavatar-24gb (" in result.output and "frames/s per GPU" in result.output
+
+
+def test_plan_estimates_at_the_frame_size_gen_renders(media: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """`plan --image` and `gen` decide the frame size through one function: a tall portrait
+    gives the same width and height in both, and another estimate than the area key's."""
+    from PIL import Image
+
+    tall = tmp_path / "tall.png"
+    Image.open(media["portrait"]).resize((300, 520)).save(tall)
+    args = ["plan", "-p", "liveavatar-80gb", "--gpu-mem", "80", "--json"]
+    planned = runner.invoke(app, [*args, "--image", str(tall)])
+    assert planned.exit_code == 0, planned.output
+    dry = runner.invoke(app, ["gen", str(media["speech6"]), str(tall), "-p", "liveavatar-80gb",
+                              "-o", str(tmp_path / "out.mp4"), "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    plan, gen = json.loads(planned.stdout), json.loads(dry.stdout)
+    assert (plan["width"], plan["height"]) == (gen["width"], gen["height"])
+    assert gen["height"] > gen["width"]  # upright, as the portrait is
+    square = json.loads(runner.invoke(app, args).stdout)
+    key = presets.parse_size(presets.resolve("liveavatar-80gb").preset.size)
+    assert (square["width"], square["height"]) == key  # the area key's own sides
+    assert plan["per_gpu_peak_gb"] != square["per_gpu_peak_gb"]

@@ -621,7 +621,7 @@ def test_the_host_out_of_memory_is_the_environment(media: dict[str, Path], tmp_p
     def no_memory(*args: object, **kwargs: object) -> None:
         raise MemoryError
 
-    monkeypatch.setattr(cli, "generate", no_memory)
+    monkeypatch.setattr(cli.gen, "generate", no_memory)
     result = runner.invoke(app, ["gen", str(media["speech6"]), str(media["portrait"]),
                                  "-o", str(tmp_path / "x.mp4")])
     assert result.exit_code == 74, result.output

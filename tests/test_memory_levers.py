@@ -178,13 +178,13 @@ def test_plan_24gb_preset_fits_and_shows_each_lever() -> None:
 
 
 def test_plan_fit_five_24gb_cards() -> None:
-    result = runner.invoke(app, ["plan", "--gpus", "5", "--gpu-mem", "24", "--fit",
+    result = runner.invoke(app, ["plan", "--gpu-count", "5", "--gpu-mem", "24", "--fit",
                                  "--host-mem", "1024"])
     assert result.exit_code == 0, result.output
     assert "one single-GPU worker per card, 5 batch(es) at once" in result.output
     assert "--set liveavatar.gpus_per_run=1" in result.output
     assert "--set liveavatar.resident_blocks=" in result.output
-    js = runner.invoke(app, ["plan", "--gpus", "5", "--gpu-mem", "24", "--fit", "--host-mem",
+    js = runner.invoke(app, ["plan", "--gpu-count", "5", "--gpu-mem", "24", "--fit", "--host-mem",
                              "256", "--json"])
     data = json.loads(js.stdout)
     assert data["fits"] and 1 <= data["workers"] < 5
@@ -192,6 +192,6 @@ def test_plan_fit_five_24gb_cards() -> None:
     none = runner.invoke(app, ["plan", "--gpu-mem", "12", "--fit", "--host-mem", "1024"])
     assert none.exit_code == 1 and "nothing fits" in none.output
     assert "cards alone would fit" not in none.output
-    host = runner.invoke(app, ["plan", "--gpus", "5", "--gpu-mem", "24", "--fit",
+    host = runner.invoke(app, ["plan", "--gpu-count", "5", "--gpu-mem", "24", "--fit",
                                "--host-mem", "32"])
     assert host.exit_code == 1 and "the cards alone would fit" in host.output

@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avatarcli import analysis, presets
+from avatarcli import inputs, presets
 from avatarcli.engines.liveavatar import memory
 from avatarcli.engines.liveavatar.options import options_of
 from avatarcli.errors import InputError
 from avatarcli.gpus import GpuFact, fp8_capable
-from avatarcli.plan import make_plan
+from avatarcli.media import portrait
+from avatarcli.presets import parse_size
 
 CPU_PRESET = presets.DEFAULT_PRESET
 
@@ -29,6 +30,8 @@ class MemoryPlan:
     seen: dict[str, Any] = field(default_factory=dict)  # measured on this GPU model before
     est_seconds: float | None = None
     host: memory.HostEstimate | None = None  # host RAM of one launch (model engines)
+    width: int = 0  # the frame size estimated for
+    height: int = 0
 
     @property
     def fits(self) -> bool:
@@ -39,6 +42,7 @@ class MemoryPlan:
         est = self.estimate
         return {
             "preset": self.preset, "engine": self.engine, "gpus": self.gpus,
+            "width": self.width, "height": self.height,
             "gpu_mem_gb": self.gpu_mem_gb,
             "per_gpu_peak_gb": round(est.per_gpu_peak_gb, 2) if est else None,
             "usable_gb": round(est.usable_gb, 2) if est else None,
@@ -60,11 +64,17 @@ class MemoryPlan:
 
 
 def memory_plan(resolved: presets.ResolvedPreset, *, gpus: int | None, gpu_mem_gb: float | None,
-                facts: list[GpuFact], audio: Path | None = None,
+                facts: list[GpuFact], audio: Path | None = None, image: Path | None = None,
                 seen: dict[str, Any] | None = None,
                 host_mem_gb: float | None = None) -> MemoryPlan:
-    """The per-GPU memory estimate of a preset, and with AUDIO the batch plan."""
+    """The per-GPU memory estimate of a preset, and with AUDIO the batch plan. With IMAGE,
+    both at the frame size `gen` renders that portrait at (the same function decides it),
+    else at the area key's own sides."""
     p = resolved.preset
+    width, height = parse_size(p.size)
+    if image is not None:
+        rgb = portrait.load(image)
+        width, height = inputs.frame_size(p, rgb.shape[1], rgb.shape[0])
     count = gpus or (options_of(p).gpus_per_run if p.engine == "liveavatar" else len(facts))
     mem = gpu_mem_gb if gpu_mem_gb is not None else smallest_card_gb(facts)
     est = None
@@ -74,18 +84,13 @@ def memory_plan(resolved: presets.ResolvedPreset, *, gpus: int | None, gpu_mem_g
         if count not in (1, 5):
             raise InputError(f"--gpus {count}: LiveAvatar runs on 1 GPU or on 5 (4 DiT + 1 VAE); "
                              f"with 2-4 GPUs use a 1-GPU preset, one batch per GPU")
-        est = memory.estimate(p, gpus=count, gpu_mem_gb=mem)
-    result = MemoryPlan(resolved.name, p.engine, count, mem or 0.0, est, seen=seen or {})
+        est = memory.estimate(p, gpus=count, gpu_mem_gb=mem, width=width, height=height)
+    result = MemoryPlan(resolved.name, p.engine, count, mem or 0.0, est, seen=seen or {},
+                        width=width, height=height)
     if p.engine == "liveavatar":
-        result.host = memory.host_estimate(p, total_gb=host_mem_gb)
+        result.host = memory.host_estimate(p, total_gb=host_mem_gb, width=width, height=height)
     if audio is not None:
-        feats = analysis.analyse(audio, p.fps)
-        if feats.frames == 0:
-            raise InputError(f"{audio}: audio has zero length")
-        w, h = presets.parse_size(p.size)
-        plan = make_plan(feats.frames, fps=p.fps, width=w, height=h,
-                         infer_frames=p.infer_frames, clips_per_batch=p.clips_per_batch,
-                         loudness_db=feats.db)
+        feats, plan = inputs.analyse_and_plan(audio, p, width, height)
         result.frames, result.duration_s = plan.frames, feats.duration_s
         result.batches = [{"index": b.index, "frame_start": b.frame_start,
                            "frame_end": b.frame_end, "clips": b.clips} for b in plan.batches]
