@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from avatarcli import presets
-from avatarcli.errors import AvatarError, BusyError, EnvironmentProblem, InputError
+from avatarcli.errors import AvatarError, BusyError, EnvironmentProblem, ExitStatus, InputError
 from avatarcli.pipeline import (
     Events,
     default_output,
@@ -281,9 +281,9 @@ def _one(row: Row, *, redo: bool, jobs: int, gpus: str | None, keep_parts: bool,
 
 
 def exit_code(results: list[RowResult]) -> int:
-    """1 if any row failed, else 75 if any was busy, else 0."""
+    """FAILED (1) if any row failed, else BUSY (75) if any was busy, else OK."""
     if any(r.status == "failed" for r in results):
-        return 1
+        return ExitStatus.FAILED
     if any(r.status == "busy" for r in results):
-        return 75
-    return 0
+        return ExitStatus.BUSY
+    return ExitStatus.OK

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from avatarcli.check import Thresholds
 from avatarcli.errors import (
     AvatarError,
     EnvironmentProblem,
+    ExitStatus,
     InputError,
     Interrupted,
     from_os_error,
@@ -42,7 +44,6 @@ presets_app = typer.Typer(help="List and show presets.", invoke_without_command=
 app.add_typer(presets_app, name="presets")
 
 log = logging.getLogger("avatarcli")
-EXIT_INTERNAL = 70  # EX_SOFTWARE: an error avatarcli did not expect
 F = TypeVar("F", bound=Callable[..., Any])
 _CHECK = Thresholds()  # `avatar check` option defaults
 
@@ -121,13 +122,13 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             _err("error: interrupted (SIGINT); rerun the same command to resume")
-            raise typer.Exit(130) from None
+            raise typer.Exit(ExitStatus.interrupted(signal.SIGINT)) from None
         except (typer.Exit, typer.Abort):
             raise
         except MemoryError:
             _err("error: this machine ran out of memory (a problem of this machine, not of "
                  "the input; rerun the same command to resume)")
-            raise typer.Exit(EnvironmentProblem.exit_code) from None
+            raise typer.Exit(ExitStatus.ENVIRONMENT) from None
         except OSError as exc:  # a full disk, a read-only folder: the environment, not a bug
             known = from_os_error(exc)
             if known is None:
@@ -145,7 +146,7 @@ def _internal(exc: BaseException) -> NoReturn:
         log.debug("internal error", exc_info=exc)
     _err(f"error: internal error: {type(exc).__name__}: {exc} (a bug; rerun with -v "
          f"or --log-file for the traceback)")
-    raise typer.Exit(EXIT_INTERNAL) from None
+    raise typer.Exit(ExitStatus.INTERNAL) from None
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -154,8 +155,6 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _install_signal_handlers() -> None:
-    import signal
-
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
@@ -620,7 +619,7 @@ def plan_cmd(
                                       host_mem_gb=host, card_only=card_only):
                 typer.echo(line)
         if found is None:
-            raise typer.Exit(1)
+            raise typer.Exit(ExitStatus.FAILED)
         return
     if audio is not None and not audio.is_file():
         raise InputError(f"{audio}: audio file not found")
@@ -655,7 +654,7 @@ def plan_cmd(
             _echo(f"  estimated time: {result.est_seconds / 60:.1f} min at "
                        f"{seen['fps']} frames/s")
     if not result.fits:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitStatus.FAILED)
 
 
 @presets_app.callback()

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from avatarcli import procs
-from avatarcli.errors import EngineError, InputError
+from avatarcli.errors import EngineError, ExitStatus, InputError
 from avatarcli.presets import ResolvedPreset
 from avatarcli.telemetry import Sampler, Telemetry
 
@@ -70,12 +70,6 @@ log = logging.getLogger(__name__)
 EXIT_TASK_LOST = -int(signal.SIGKILL)
 # What `wait()` returns after `stop()`: the task was cancelled and its batch process stopped.
 EXIT_TASK_CANCELLED = -int(signal.SIGTERM)
-# The task itself failed on its node before or around the batch process (e.g. the command's
-# Python is missing there, or the task could not be scheduled): same code as a failed batch.
-EXIT_TASK_ERROR = 3
-# Ray's memory monitor killed the task's worker (the node ran out of host memory): the
-# runner treats this like the batch's own out-of-memory exit and may retry with lighter settings.
-EXIT_TASK_OOM = 4
 
 NEEDS_RAY = "--executor ray needs Ray: pip install 'avatarcli[ray]'"
 _EXIT_LINE = "ray: batch process exited with code "
@@ -265,11 +259,15 @@ class RayHandle:
             rc = EXIT_TASK_CANCELLED
             _append_log(self._log_path, "ray: task cancelled")
         except exc_mod.OutOfMemoryError as exc:
-            rc = EXIT_TASK_OOM
+            # The node ran out of host memory: like the batch's own out-of-memory exit, so
+            # the runner may retry with lighter settings.
+            rc = ExitStatus.OUT_OF_MEMORY
             _append_log(self._log_path, f"ray: out of memory: Ray's memory monitor killed the "
                                         f"task's worker ({_first_line(exc)})")
         except exc_mod.RayTaskError as exc:
-            rc = EXIT_TASK_ERROR
+            # It failed on its node before or around the batch process (the command's Python
+            # missing there, the task not schedulable): the code of a failed batch.
+            rc = ExitStatus.ENGINE
             cause = getattr(exc, "cause", None) or exc
             _append_log(self._log_path, f"ray: task failed: {type(cause).__name__}: "
                                         f"{_first_line(cause)}")

@@ -23,15 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from avatarcli.errors import EngineError, EnvironmentProblem, OutOfMemoryError
+from avatarcli.errors import EngineError, EnvironmentProblem, ExitStatus, OutOfMemoryError
 from avatarcli.options import Preset, WorkerOptions
 from avatarcli.resident import ResidentHandle, ResidentPool
 from avatarcli.telemetry import Sampler
 
 log = logging.getLogger(__name__)
 
-EXIT_OOM = 4  # what avatarcli.worker exits with on out-of-memory
-EXIT_ENVIRONMENT = EnvironmentProblem.exit_code  # ... on a problem of the machine (disk full)
 LOG_TAIL_LINES = 12
 
 # The default per-batch time limit (preset key batch_timeout_s = 0): a start-up allowance plus
@@ -366,7 +364,7 @@ class Runner:
         telemetry = handle.telemetry()
         seconds = time.monotonic() - started
         worker = _worker_facts(handle)
-        if rc == 0:
+        if rc == ExitStatus.OK:
             with self.hooks.lock:
                 self.hooks.finished(BatchResult(index, seconds, rc, rung, telemetry, worker))
             return
@@ -379,7 +377,8 @@ class Runner:
                         "it again in a new worker", index, -rc)
             self._launch(index, slot, rung, retried=True)
             return
-        kind = "oom" if rc == EXIT_OOM else "environment" if rc == EXIT_ENVIRONMENT else "crash"
+        kind = ("oom" if rc == ExitStatus.OUT_OF_MEMORY else
+                "environment" if rc == ExitStatus.ENVIRONMENT else "crash")
         reason = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
         if expired.is_set():
             kind, reason = "timeout", (f"timed out after {limit:g} s (batch_timeout_s) and was "

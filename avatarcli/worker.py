@@ -27,7 +27,13 @@ from pathlib import Path
 
 from avatarcli import engines, presets
 from avatarcli.engines.base import Engine, JobInputs, PartTask
-from avatarcli.errors import AvatarError, EnvironmentProblem, OutOfMemoryError, from_os_error
+from avatarcli.errors import (
+    AvatarError,
+    EnvironmentProblem,
+    ExitStatus,
+    OutOfMemoryError,
+    from_os_error,
+)
 from avatarcli.job import JobDir
 from avatarcli.media.verify import check_video
 from avatarcli.options import Preset
@@ -35,14 +41,9 @@ from avatarcli.plan import Plan, render_range
 
 log = logging.getLogger("avatarcli.worker")
 
-EXIT_FAILED = 3
-EXIT_OOM = 4
-EXIT_ENVIRONMENT = EnvironmentProblem.exit_code  # disk full, ffmpeg killed: this machine
-EXIT_ORPHANED = 70  # the parent died: stop rather than render for nobody
-
 
 class Orphaned(Exception):
-    pass
+    """The parent died (or nobody reads our progress): stop rather than render for nobody."""
 
 
 def task_from_manifest(job: JobDir, manifest: dict, index: int,
@@ -203,12 +204,12 @@ def serve() -> int:
             spec = json.loads(line)
             with _log_into(Path(spec["log"])):  # errors too go to that batch's log
                 code = _exit_code(functools.partial(state.render, spec))
-            if code != 0:
+            if code != ExitStatus.OK:
                 return code
             print("done " + json.dumps(state.report), flush=True)
     finally:
         state.close()
-    return 0
+    return ExitStatus.OK
 
 
 def _exit_code(fn: Callable[[], None]) -> int:
@@ -217,23 +218,23 @@ def _exit_code(fn: Callable[[], None]) -> int:
         fn()
     except Orphaned as exc:
         log.error("stopping: %s", exc)
-        return EXIT_ORPHANED
+        return ExitStatus.ORPHANED
     except OutOfMemoryError as exc:
         log.error("out of memory: %s", exc)
-        return EXIT_OOM
+        return ExitStatus.OUT_OF_MEMORY
     except EnvironmentProblem as exc:
         log.error("%s", exc)
-        return EXIT_ENVIRONMENT
+        return ExitStatus.ENVIRONMENT
     except OSError as exc:  # a full disk while writing the part: the machine, not the job
         known = from_os_error(exc)
         if not isinstance(known, EnvironmentProblem):
             raise
         log.error("%s", known)
-        return EXIT_ENVIRONMENT
+        return ExitStatus.ENVIRONMENT
     except AvatarError as exc:
         log.error("%s", exc)
-        return EXIT_FAILED
-    return 0
+        return ExitStatus.ENGINE
+    return ExitStatus.OK
 
 
 @contextlib.contextmanager
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     resident = args == ["--resident"]
     if not resident and len(args) != 2:
         print("usage: python -m avatarcli.worker JOB_DIR INDEX | --resident", file=sys.stderr)
-        return 2
+        return ExitStatus.INPUT
     if os.getpgid(0) == os.getpid():  # only when started as a group leader by the runner
         watch_parent(os.getppid())
     if resident:
