@@ -47,7 +47,6 @@ import re
 import shlex
 import signal
 import socket
-import subprocess
 import threading
 import time
 import weakref
@@ -93,21 +92,6 @@ def _append_log(path: Path, text: str) -> None:
         log.warning("%s: cannot write to the batch log: %s", path, exc)
 
 
-def _kill_group(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
-    """SIGTERM a batch process's whole process group, SIGKILL it after `grace_s`."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace_s)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 # ---------------------------------------------------------------------------------------------
 # Ray tasks. Module-level functions, so Ray's workers import them from avatarcli.
 
@@ -137,13 +121,8 @@ def _batch_task(cmd: list[str], env: dict[str, str], log_path: str, gpu_ids: lis
         env["MASTER_PORT"] = slot["MASTER_PORT"] = str(procs.free_port())
     if "AVATARCLI_SLOT_ENV" in env:
         env["AVATARCLI_SLOT_ENV"] = json.dumps(slot)
-    with open(log_path, "ab") as logf:
-        logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} ray {where} worker pid "
-                   f"{os.getpid()}: {shlex.join(cmd)}\n".encode())
-        logf.flush()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=logf, env={**os.environ, **env},
-                                start_new_session=True)
+    proc = procs.spawn(cmd, Path(log_path), env=env,
+                       header=f"ray {where} worker pid {os.getpid()}: {shlex.join(cmd)}")
     sampler = Sampler(proc.pid, gpu_ids).start()
     lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
@@ -176,7 +155,7 @@ def _batch_task(cmd: list[str], env: dict[str, str], log_path: str, gpu_ids: lis
         if not ended:  # cancelled, interrupted or closed: take the batch process down too
             _append_log(Path(log_path), f"ray: task stopped; stopping its batch process "
                                         f"group {proc.pid} on {where}")
-            _kill_group(proc)
+            procs.kill_group(proc)
             sampler.stop()
 
 

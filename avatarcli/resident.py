@@ -14,17 +14,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avatarcli import procs
 from avatarcli.options import WorkerOptions
 from avatarcli.telemetry import Sampler
 
@@ -59,13 +57,8 @@ class ResidentWorker:
                  env: dict[str, str], log_path: Path) -> None:
         self.key, self.slot_key, self.limits = key, slot_key, limits
         cmd = [sys.executable, "-m", "avatarcli.worker", "--resident"]
-        with open(log_path, "ab") as logf:
-            logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} resident worker {wid} "
-                       f"starts\n".encode())
-            logf.flush()
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=logf, env={**os.environ, **env},
-                                         start_new_session=True)
+        self.proc = procs.spawn(cmd, log_path, header=f"resident worker {wid} starts",
+                                stdin=True, env=env)
         self.record = WorkerRecord(id=wid, pid=self.proc.pid)
         self.idle_timer: threading.Timer | None = None
 
@@ -129,24 +122,9 @@ class ResidentWorker:
             except (OSError, subprocess.TimeoutExpired):
                 pass
         if self.proc.poll() is None:
-            _kill_session(self.proc)
+            procs.kill_group(self.proc)
         else:  # whatever it started and left behind (its model process) goes too
-            _kill_session(self.proc, wait=False)
-
-
-def _kill_session(proc: subprocess.Popen[bytes], *, wait: bool = True) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        if not wait:
-            return
-        try:
-            proc.wait(timeout=5.0)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            procs.kill_leftovers(self.proc)
 
 
 class ResidentHandle:

@@ -11,8 +11,6 @@ import logging
 import os
 import queue
 import re
-import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from avatarcli import procs
 from avatarcli.errors import EngineError, EnvironmentProblem, ExitStatus, OutOfMemoryError
 from avatarcli.options import Preset, WorkerOptions
 from avatarcli.resident import ResidentHandle, ResidentPool
@@ -111,21 +110,6 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
-                grace_s: float = 5.0) -> None:
-    """Stop a batch process and everything it started (its whole process group)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=grace_s)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 class BatchHandle(Protocol):
     """One running batch process, wherever it runs."""
 
@@ -181,7 +165,7 @@ class LocalHandle:
         return self.proc.wait()
 
     def stop(self) -> None:
-        _kill_group(self.proc)
+        procs.kill_group(self.proc)
         if not self._telemetry:
             self._telemetry = self._sampler.stop().to_dict()
 
@@ -200,12 +184,7 @@ class LocalExecutor:
 
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path,
               gpu_ids: list[str]) -> LocalHandle:
-        with open(log_path, "ab") as logf:
-            logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
-            logf.flush()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=logf, env={**os.environ, **env},
-                                    start_new_session=True)
+        proc = procs.spawn(cmd, log_path, env=env)
         # Peak RSS of the whole tree and GPU memory of its devices, sampled while it runs.
         return LocalHandle(proc, Sampler(proc.pid, gpu_ids).start())
 
