@@ -91,18 +91,18 @@ def start_pipe(cmd: list[str], *, cwd: Path | None, env: dict[str, str]) -> subp
         raise EngineError(f"cannot start {cmd[0]}: {exc}") from exc
 
 
-def spawn(cmd: list[str], log_path: Path, *, header: str | None = None, stdin: bool = False,
-          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start `cmd` in a session (process group) of its own, with `env` added to our
-    environment, its stderr appended to `log_path` after a `# TIME HEADER` line (by default
-    the command), its stdout piped to us; its stdin piped too when `stdin`, else /dev/null."""
+def spawn(cmd: list[str], log_path: Path, *, header: str | None = None,
+          stdin: bool = False) -> subprocess.Popen[bytes]:
+    """Start `cmd` in a session (process group) of its own, its stderr appended to `log_path`
+    after a `# TIME HEADER` line (by default the command), its stdout piped to us; its stdin
+    piped too when `stdin`, else /dev/null. It inherits our environment: what it needs to know
+    is in its arguments (a batch process: avatarcli.slot.WorkerTask)."""
     with open(log_path, "ab") as logf:
         logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {header or shlex.join(cmd)}\n"
                    .encode())
         logf.flush()
         return subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=logf,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=logf, start_new_session=True)
 
 
 def kill_group(proc: subprocess.Popen[bytes], *, grace_s: float = 5.0) -> None:

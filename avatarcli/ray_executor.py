@@ -1,15 +1,15 @@
 """Batch processes on a Ray cluster: the same worker command, run by a Ray task on some node.
 
 `RayExecutor` implements the runner's `Executor` protocol. Each batch becomes one Ray task
-(a streaming generator) that starts the usual `python -m avatarcli.worker JOB_DIR INDEX` as a
+(a streaming generator) that starts the usual `python -m avatarcli.worker JOB_DIR INDEX ...` as a
 subprocess in its own session on whatever node runs the task, so a batch still gets a fresh
 process and its memory is still returned when it ends. The task streams the batch process's
 stdout lines (`progress N`) back to the driver as they come and ends with one item that holds
 the exit code and the batch's telemetry, measured by a `Sampler` on that node.
 
-On its node the task gives the batch the GPUs Ray assigned to it (CUDA_VISIBLE_DEVICES, also
-inside AVATARCLI_SLOT_ENV; the driver's GPU ids mean nothing there) and, when the slot names a
-torchrun MASTER_PORT, a port that is free on that node. Ray Client (`ray://` addresses) cannot
+On its node the task gives the batch, in its slot (the worker's arguments), the GPUs Ray
+assigned to it (the driver's GPU ids mean nothing there) and, when the slot names a torchrun
+port, a port that is free on that node. Ray Client (`ray://` addresses) cannot
 run streaming tasks: there each task returns all its items at once when the batch ends, so
 progress arrives per batch instead of live.
 
@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib
-import json
 import logging
 import os
 import queue
@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 from avatarcli import procs
 from avatarcli.errors import EngineError, ExitStatus, InputError
 from avatarcli.presets import ResolvedPreset
+from avatarcli.slot import WorkerTask
 from avatarcli.telemetry import Sampler, Telemetry
 
 if TYPE_CHECKING:
@@ -103,27 +104,23 @@ def _node_name() -> str:
     return f"node {ip} ({node_id[:12]}, {socket.gethostname()})"
 
 
-def _batch_task(cmd: list[str], env: dict[str, str], log_path: str, gpu_ids: list[str],
-                ray_gpus: bool) -> Iterator[tuple[Any, ...]]:
+def _batch_task(task: WorkerTask, log_path: str, ray_gpus: bool) -> Iterator[tuple[Any, ...]]:
     """Runs on a node: one batch process; yields ("start", pid, node), ("line", text)...,
     then ("end", returncode, telemetry)."""
     ray = _import_ray()
     where = _node_name()
-    env = dict(env)
-    slot = json.loads(env.get("AVATARCLI_SLOT_ENV") or "{}")
+    slot = task.slot
     if ray_gpus:
         # The GPUs Ray gave this task on this node, not the ones the driver's slot named.
-        ids = [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-        env["CUDA_VISIBLE_DEVICES"] = slot["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
-        gpu_ids = ids
-    if "MASTER_PORT" in slot:
+        ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+        slot = dataclasses.replace(slot, gpus=tuple(str(i) for i in ids))
+    if slot.port is not None:
         # Tasks of other slots, rows or drivers may share this node: a port free here.
-        env["MASTER_PORT"] = slot["MASTER_PORT"] = str(procs.free_port())
-    if "AVATARCLI_SLOT_ENV" in env:
-        env["AVATARCLI_SLOT_ENV"] = json.dumps(slot)
-    proc = procs.spawn(cmd, Path(log_path), env=env,
+        slot = dataclasses.replace(slot, port=procs.free_port())
+    cmd = dataclasses.replace(task, slot=slot).command()
+    proc = procs.spawn(cmd, Path(log_path),
                        header=f"ray {where} worker pid {os.getpid()}: {shlex.join(cmd)}")
-    sampler = Sampler(proc.pid, gpu_ids).start()
+    sampler = Sampler(proc.pid, slot.gpu_ids).start()
     lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
     def pump() -> None:
@@ -159,10 +156,9 @@ def _batch_task(cmd: list[str], env: dict[str, str], log_path: str, gpu_ids: lis
             sampler.stop()
 
 
-def _batch_task_whole(cmd: list[str], env: dict[str, str], log_path: str, gpu_ids: list[str],
-                      ray_gpus: bool) -> list[tuple[Any, ...]]:
+def _batch_task_whole(task: WorkerTask, log_path: str, ray_gpus: bool) -> list[tuple[Any, ...]]:
     """`_batch_task` as one return value, for Ray Client, which cannot stream."""
-    return list(_batch_task(cmd, env, log_path, gpu_ids, ray_gpus))
+    return list(_batch_task(task, log_path, ray_gpus))
 
 
 def _check_paths_task(paths: list[str], writable: list[str]) -> tuple[str, list[str]]:
@@ -451,18 +447,16 @@ class RayExecutor:
 
     # -- the Executor protocol ---------------------------------------------------------------
 
-    def start(self, cmd: list[str], env: dict[str, str], log_path: Path,
-              gpu_ids: list[str]) -> RayHandle:
-        """Submit `cmd` as a Ray task; its stderr goes to `log_path` (shared storage)."""
+    def start(self, task: WorkerTask, log_path: Path) -> RayHandle:
+        """Submit `task` as a Ray task; its stderr goes to `log_path` (shared storage)."""
         ray = self.ensure_ray()
         with self._lock:
             if self._remote is None:
                 self._remote = ray.remote(_batch_task if self.stream else _batch_task_whole)
             remote = self._remote
         opts = self.task_options()
-        opts["name"] = f"avatarcli-batch-{cmd[-1]}" if cmd else "avatarcli-batch"
-        gen = remote.options(**opts).remote(list(cmd), dict(env), str(log_path),
-                                            list(gpu_ids), self.num_gpus_per_task > 0)
+        opts["name"] = f"avatarcli-batch-{task.index}"
+        gen = remote.options(**opts).remote(task, str(log_path), self.num_gpus_per_task > 0)
         return RayHandle(ray, gen, log_path, max_retries=self.max_retries,
                          stop_grace_s=self.stop_grace_s, stream=self.stream)
 

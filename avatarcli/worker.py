@@ -1,11 +1,12 @@
-"""The batch process: `python -m avatarcli.worker JOB_DIR INDEX`.
+"""The batch process: `python -m avatarcli.worker JOB_DIR INDEX [--rung K] [--gpus IDS]
+[--port N] [--threads N]` (its task and slot: avatarcli.slot.WorkerTask).
 
 Renders one part under a temporary name, verifies it, renames it, exits. It reads the
 manifest but never writes it (the parent does). Progress goes to stdout as `progress N` lines;
 logs go to stderr, which the parent sends to the batch's log file.
 
 `python -m avatarcli.worker --resident` is a resident worker: it takes batch after batch as
-JSON lines on stdin ({"job", "index", "rung", "slot", "log"}), keeps the engine's model loaded
+JSON lines on stdin (WorkerTask.to_dict() and "log"), keeps the engine's model loaded
 between them, answers each with `progress N` lines and one `done {...}` line (its memory after
 the batch), logs each batch into that batch's log file, and exits with the batch process's
 codes on the first failure (the runner then replaces it).
@@ -38,6 +39,7 @@ from avatarcli.job import JobDir
 from avatarcli.media.verify import check_video
 from avatarcli.options import Preset
 from avatarcli.plan import Plan, render_range
+from avatarcli.slot import WorkerTask
 
 log = logging.getLogger("avatarcli.worker")
 
@@ -65,10 +67,12 @@ def task_from_manifest(job: JobDir, manifest: dict, index: int,
                     engine_state=manifest.get("engine_state", {}), env=env or {})
 
 
-def load_task(job_dir: Path, index: int, rung: int,
-              env: dict[str, str]) -> tuple[JobDir, Preset, PartTask]:
-    """The job, the preset (with out-of-memory retry rungs 1..rung applied) and the task."""
-    job = JobDir(job_dir)
+def load_task(task: WorkerTask) -> tuple[JobDir, Preset, PartTask]:
+    """The job, the preset (with out-of-memory retry rungs 1..rung applied) and the part to
+    render. Sets this process's environment from the task's slot first."""
+    os.environ.update(task.slot.environ())
+    index, rung = task.index, task.rung
+    job = JobDir(task.job_dir)
     manifest = job.load()
     values = manifest["preset"]["values"]
     if rung:  # an out-of-memory retry: the preset's lighter settings, rungs 1..k
@@ -76,16 +80,15 @@ def load_task(job_dir: Path, index: int, rung: int,
         log.info("batch %d: out-of-memory retry rung %d: %s", index, rung,
                  values["oom_retry"][rung - 1])
     preset = presets.build(values, f"{job.manifest_path} preset")
-    return job, preset, task_from_manifest(job, manifest, index, env, preset.overlap_frames())
+    return job, preset, task_from_manifest(job, manifest, index, task.slot.engine_env(),
+                                           preset.overlap_frames())
 
 
-def render_part(job_dir: Path, index: int) -> None:
-    rung = int(os.environ.get("AVATARCLI_RUNG", "0"))
-    env = json.loads(os.environ.get("AVATARCLI_SLOT_ENV", "{}"))
-    job, preset, task = load_task(job_dir, index, rung, env)
+def render_part(task: WorkerTask) -> None:
+    job, preset, part = load_task(task)
     engine = engines.create(preset)
     try:
-        render_with(engine, job, task)
+        render_with(engine, job, part)
     finally:
         engine.close()
 
@@ -169,10 +172,8 @@ class _Resident:
         self.engine: Engine | None = None
         self.report: dict[str, object] = {}
 
-    def render(self, spec: dict[str, object]) -> None:
-        job, preset, task = load_task(Path(str(spec["job"])), int(str(spec["index"])),
-                                      int(str(spec.get("rung", 0))),
-                                      _slot(spec.get("slot")))
+    def render(self, spec: WorkerTask) -> None:
+        job, preset, task = load_task(spec)
         fresh = engines.create(preset)
         if self.engine is not None and not fresh.take_over(self.engine):
             self.engine.close()  # another model: the old one goes
@@ -190,10 +191,6 @@ class _Resident:
             self.engine = None
 
 
-def _slot(value: object) -> dict[str, str]:
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
-
-
 def serve() -> int:
     """The resident worker's loop (see the module docstring); its exit code."""
     state = _Resident()
@@ -203,7 +200,7 @@ def serve() -> int:
                 continue
             spec = json.loads(line)
             with _log_into(Path(spec["log"])):  # errors too go to that batch's log
-                code = _exit_code(functools.partial(state.render, spec))
+                code = _exit_code(functools.partial(state.render, WorkerTask.from_dict(spec)))
             if code != ExitStatus.OK:
                 return code
             print("done " + json.dumps(state.report), flush=True)
@@ -261,14 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     resident = args == ["--resident"]
-    if not resident and len(args) != 2:
-        print("usage: python -m avatarcli.worker JOB_DIR INDEX | --resident", file=sys.stderr)
-        return ExitStatus.INPUT
+    task = None if resident else WorkerTask.parse(args)  # bad arguments: usage, exit 2
     if os.getpgid(0) == os.getpid():  # only when started as a group leader by the runner
         watch_parent(os.getppid())
-    if resident:
+    if task is None:
         return serve()
-    return _exit_code(lambda: render_part(Path(args[0]), int(args[1])))
+    return _exit_code(functools.partial(render_part, task))
 
 
 if __name__ == "__main__":
