@@ -1,17 +1,17 @@
 """Batch processes on a Ray cluster: the same worker command, run by a Ray task on some node.
 
 `RayExecutor` implements the runner's `Executor` protocol. Each batch becomes one Ray task
-(a streaming generator) that starts the usual `python -m avatarcli.worker JOB_DIR INDEX ...` as a
-subprocess in its own session on whatever node runs the task, so a batch still gets a fresh
-process and its memory is still returned when it ends. The task streams the batch process's
+(a streaming generator) that starts the usual `python -m avatarcli.worker JOB_DIR INDEX ...`
+as a subprocess in its own session on whatever node runs the task, so a batch still gets a
+fresh process and its memory is still returned when it ends. The task streams the batch process's
 stdout lines (`progress N`) back to the driver as they come and ends with one item that holds
 the exit code and the batch's telemetry, measured by a `Sampler` on that node.
 
 On its node the task gives the batch, in its slot (the worker's arguments), the GPUs Ray
 assigned to it (the driver's GPU ids mean nothing there) and, when the slot names a torchrun
-port, a port that is free on that node. Ray Client (`ray://` addresses) cannot
-run streaming tasks: there each task returns all its items at once when the batch ends, so
-progress arrives per batch instead of live.
+port, a port that is free on that node. Ray Client (`ray://` addresses) cannot run streaming
+tasks: there each task returns all its items at once when the batch ends, so progress
+arrives per batch instead of live.
 
 Contract: shared storage. The command's Python (`sys.executable` of the driver), the job
 directory and the inputs must exist at the same paths on every node, and Ray's workers there
