@@ -78,8 +78,8 @@ class Slot:
 
 @dataclass(frozen=True)
 class WorkerTask:
-    """One batch for a batch process: `python -m avatarcli.worker JOB_DIR INDEX [--rung K]
-    [--gpus IDS] [--port N] [--threads N] [--extra JSON]`."""
+    """One batch for a batch process: `python -m avatarcli.worker [--rung K] [--gpus IDS]
+    [--port N] [--threads N] [--extra JSON] JOB_DIR INDEX` (the index last, as `ps` shows it)."""
 
     job_dir: Path
     index: int
@@ -91,7 +91,7 @@ class WorkerTask:
     def argv(self) -> list[str]:
         """The arguments after the program; `parse` reads them back."""
         s = self.slot
-        args = [str(self.job_dir), str(self.index), "--rung", str(self.rung)]
+        args = ["--rung", str(self.rung)]
         if s.gpus is not None:
             args += ["--gpus", ",".join(s.gpus)]
         if s.port is not None:
@@ -100,7 +100,7 @@ class WorkerTask:
             args += ["--threads", str(s.threads)]
         if s.extra:
             args += ["--extra", json.dumps(dict(s.extra), sort_keys=True)]
-        return args
+        return [*args, str(self.job_dir), str(self.index)]
 
     def command(self) -> list[str]:
         return [*self.program, *self.argv()]

@@ -1,5 +1,5 @@
-"""The batch process: `python -m avatarcli.worker JOB_DIR INDEX [--rung K] [--gpus IDS]
-[--port N] [--threads N]` (its task and slot: avatarcli.slot.WorkerTask).
+"""The batch process: `python -m avatarcli.worker [--rung K] [--gpus IDS] [--port N]
+[--threads N] JOB_DIR INDEX` (its task and slot: avatarcli.slot.WorkerTask).
 
 Renders one part under a temporary name, verifies it, renames it, exits. It reads the
 manifest but never writes it (the parent does). Progress goes to stdout as `progress N` lines;

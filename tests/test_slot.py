@@ -49,7 +49,7 @@ def test_the_worker_takes_its_task_from_its_arguments(monkeypatch: pytest.Monkey
     monkeypatch.setattr(worker, "render_part", seen.append)
     monkeypatch.setattr(worker, "watch_parent", lambda parent: None)
     monkeypatch.delenv("AVATARCLI_RUNG", raising=False)
-    code = worker.main([str(tmp_path), "3", "--rung", "2", "--gpus", "4,5", "--threads", "2"])
+    code = worker.main(["--rung", "2", "--gpus", "4,5", "--threads", "2", str(tmp_path), "3"])
     assert code == ExitStatus.OK
     assert seen == [WorkerTask(tmp_path, 3, 2, Slot(gpus=("4", "5"), threads=2))]
     with pytest.raises(SystemExit) as bad:
@@ -99,6 +99,7 @@ def test_an_out_of_memory_retry_hands_the_next_rung_and_the_same_slot(tmp_path: 
     runner.run([5])
     assert [(t.index, t.rung) for t in ex.tasks] == [(5, 0), (5, 1)]
     for t in ex.tasks:  # what the batch process will parse from its command line
+        assert t.command()[-1] == "5"  # the index last, where `ps` (and test_ray) find it
         got = WorkerTask.parse(t.command()[3:])
         assert got.slot.gpu_ids == ["1"] and got.slot.port == 29101 and got.rung == t.rung
         assert got.slot.threads is None  # one slot: the engine's default
