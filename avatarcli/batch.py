@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from avatarcli import presets
-from avatarcli.errors import AvatarError, BusyError, EnvironmentProblem, InputError
+from avatarcli.errors import AvatarError, BusyError, EnvironmentProblem, ExitStatus, InputError
 from avatarcli.inputs import default_output, path_problems
 from avatarcli.pipeline import Events, GenerateOptions, generate, output_is_current
 from avatarcli.resident import ResidentPool
@@ -257,9 +257,9 @@ def _one(row: Row, options: GenerateOptions, *, events: Events, executor: Execut
 
 
 def exit_code(results: list[RowResult]) -> int:
-    """1 if any row failed, else 75 if any was busy, else 0."""
+    """FAILED (1) if any row failed, else BUSY (75) if any was busy, else OK."""
     if any(r.status == "failed" for r in results):
-        return 1
+        return ExitStatus.FAILED
     if any(r.status == "busy" for r in results):
-        return 75
-    return 0
+        return ExitStatus.BUSY
+    return ExitStatus.OK

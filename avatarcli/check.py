@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from avatarcli import analysis
-from avatarcli.errors import InputError
+from avatarcli.errors import ExitStatus, InputError
 from avatarcli.media import ffmpeg_bin, streams
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ ANALYSIS_SIDE = 384  # px: frames are scaled so their longest side is at most th
 SEAM_SIDE = 64  # px: seams are measured on copies this small (encoder noise averages out)
 MOUTH_CROP = (24, 32)  # (h, w) px the mouth region is resampled to, per frame
 FACE_RETRY_FRAMES = 25  # try to find the face again this many frames later
-EXIT_FAILED = 5  # `avatar check`: the video failed a check (README exit codes)
+EXIT_FAILED = ExitStatus.CHECK  # `avatar check`: the video failed a check
 SEAM_TAG = "avatarcli seams"  # the MP4 `description` tag: "avatarcli seams 150,300 overlap 8"
 MIN_MOUTH_ACTIVITY = 0.4  # 0-255 luma: a mouth signal steadier than this is no evidence
 DETREND_S = 1.0  # slow drifts (pose, light, loudness level) are removed over this window

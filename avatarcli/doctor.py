@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from avatarcli import gpus
+from avatarcli.errors import ExitStatus
 from avatarcli.media import ffmpeg_bin
 from avatarcli.options import Preset
 
@@ -55,7 +56,7 @@ def run_checks(*, preset: Preset | None = None, jobs_dir: Path) -> list[Check]:
 
 def exit_code(checks: Sequence[Check]) -> int:
     """1 if any check failed, else 0 (warnings do not fail)."""
-    return 1 if any(c.status == "fail" for c in checks) else 0
+    return ExitStatus.FAILED if any(c.status == "fail" for c in checks) else ExitStatus.OK
 
 
 def to_json(checks: Sequence[Check]) -> str:

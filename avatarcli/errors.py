@@ -1,32 +1,54 @@
-"""One error family for the core; the CLI maps each class to a fixed exit code."""
+"""One error family for the core, and the exit codes: `ExitStatus` is the one table of them."""
 
 from __future__ import annotations
 
 import errno
+from enum import IntEnum
+
+
+class ExitStatus(IntEnum):
+    """Every exit code avatarcli uses: `avatar`'s (the README's table) and the batch process's
+    (`python -m avatarcli.worker`, read by the runner). Nothing else writes a number."""
+
+    OK = 0
+    FAILED = 1  # `batch`: some rows failed; `doctor`: a check failed; `plan`: it does not fit
+    INPUT = 2  # your input: a bad file, option or preset
+    ENGINE = 3  # an engine or the verification failed
+    OUT_OF_MEMORY = 4  # the model's (GPU) memory ran out; the runner may retry lighter
+    CHECK = 5  # `avatar check`: the video failed a check
+    ORPHANED = 69  # batch process only: its parent died, so it stopped (never `avatar`'s code)
+    INTERNAL = 70  # EX_SOFTWARE: a bug, an error avatarcli did not expect
+    ENVIRONMENT = 74  # EX_IOERR: this machine (a full disk, a broken ffmpeg), not the input
+    BUSY = 75  # EX_TEMPFAIL: another live process holds the job
+
+    @staticmethod
+    def interrupted(signum: int) -> int:
+        """Stopped by signal `signum` (130 for SIGINT, 143 for SIGTERM), as shells report it."""
+        return 128 + signum
 
 
 class AvatarError(Exception):
     """Base of every error the core raises on purpose. `exit_code` is what the CLI exits with."""
 
-    exit_code = 1
+    exit_code: int = ExitStatus.FAILED
 
 
 class InputError(AvatarError):
     """Bad input or usage: a missing or unreadable file, an invalid preset or option."""
 
-    exit_code = 2
+    exit_code = ExitStatus.INPUT
 
 
 class EngineError(AvatarError):
     """An engine failed to render a part, or a part/the output failed verification."""
 
-    exit_code = 3
+    exit_code = ExitStatus.ENGINE
 
 
 class OutOfMemoryError(EngineError):
     """The engine ran out of (GPU) memory."""
 
-    exit_code = 4
+    exit_code = ExitStatus.OUT_OF_MEMORY
 
 
 class EnvironmentProblem(AvatarError):
@@ -34,13 +56,13 @@ class EnvironmentProblem(AvatarError):
     a broken ffmpeg, the host out of memory. Nothing is wrong with the job; once the cause
     is fixed, rerunning the same command resumes it."""
 
-    exit_code = 74  # EX_IOERR
+    exit_code = ExitStatus.ENVIRONMENT
 
 
 class BusyError(AvatarError):
     """Another live process holds the job."""
 
-    exit_code = 75
+    exit_code = ExitStatus.BUSY
 
 
 # errno values that say "this machine" rather than "your input" or "a bug".
@@ -73,4 +95,4 @@ class Interrupted(AvatarError):
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
-        self.exit_code = 128 + signum
+        self.exit_code = ExitStatus.interrupted(signum)

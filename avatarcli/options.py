@@ -70,7 +70,7 @@ class Preset:
     cooldown_s: float = knob(0.0, bounds=(0.0, 3600.0), help="seconds between batches")
     # Seconds one batch process may run before its process group is killed and the batch is
     # retried once (then the job fails, exit 3, resumable). 0: derived from the engine's
-    # expected time per frame (runner.batch_timeout_s), so a hung model never blocks a cron job.
+    # expected time per frame (Engine.timeout_s), so a hung model never blocks a cron job.
     batch_timeout_s: float = knob(0.0, bounds=(0.0, 7 * 86400.0), help="per-batch time limit")
     # Seed for everything random in the engine.
     seed: int = knob(420, bounds=(0, 2**31 - 1), help="random seed")

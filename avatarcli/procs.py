@@ -1,7 +1,10 @@
-"""The one place that launches model processes (torchrun, a command template's program).
+"""The one place that starts and stops processes.
 
-Their output goes to the batch's log (this process's stderr, which the runner points at
-logs/batch-NNNN.log); a tail is kept to recognise out-of-memory failures.
+Batch processes (`spawn`): each in its own session (process group), so that `kill_group`
+stops it and everything it started; their stderr goes to the batch's log. Model processes
+(torchrun, a command template's program: `run_logged`, `start_pipe`): their output goes to
+the batch's log (the batch process's stderr); a tail is kept to recognise out-of-memory
+failures.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +89,45 @@ def start_pipe(cmd: list[str], *, cwd: Path | None, env: dict[str, str]) -> subp
         from avatarcli.errors import EngineError
 
         raise EngineError(f"cannot start {cmd[0]}: {exc}") from exc
+
+
+def spawn(cmd: list[str], log_path: Path, *, header: str | None = None,
+          stdin: bool = False) -> subprocess.Popen[bytes]:
+    """Start `cmd` in a session (process group) of its own, its stderr appended to `log_path`
+    after a `# TIME HEADER` line (by default the command), its stdout piped to us; its stdin
+    piped too when `stdin`, else /dev/null. It inherits our environment: what it needs to know
+    is in its arguments (a batch process: avatarcli.slot.WorkerTask)."""
+    with open(log_path, "ab") as logf:
+        logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {header or shlex.join(cmd)}\n"
+                   .encode())
+        logf.flush()
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=logf, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen[bytes], *, grace_s: float = 5.0) -> None:
+    """Stop a process `spawn` started and everything it started (its whole process group):
+    SIGTERM, then SIGKILL after `grace_s`. Harmless when it has ended."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
+def kill_leftovers(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM what an ended process `spawn` started left behind in its group (a model
+    process); no wait."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
 
 
 def stop(proc: subprocess.Popen[bytes], *, grace_s: float = 5.0) -> None:

@@ -1,17 +1,17 @@
 """Batch processes on a Ray cluster: the same worker command, run by a Ray task on some node.
 
 `RayExecutor` implements the runner's `Executor` protocol. Each batch becomes one Ray task
-(a streaming generator) that starts the usual `python -m avatarcli.worker JOB_DIR INDEX` as a
-subprocess in its own session on whatever node runs the task, so a batch still gets a fresh
-process and its memory is still returned when it ends. The task streams the batch process's
+(a streaming generator) that starts the usual `python -m avatarcli.worker JOB_DIR INDEX ...`
+as a subprocess in its own session on whatever node runs the task, so a batch still gets a
+fresh process and its memory is still returned when it ends. The task streams the batch process's
 stdout lines (`progress N`) back to the driver as they come and ends with one item that holds
 the exit code and the batch's telemetry, measured by a `Sampler` on that node.
 
-On its node the task gives the batch the GPUs Ray assigned to it (CUDA_VISIBLE_DEVICES, also
-inside AVATARCLI_SLOT_ENV; the driver's GPU ids mean nothing there) and, when the slot names a
-torchrun MASTER_PORT, a port that is free on that node. Ray Client (`ray://` addresses) cannot
-run streaming tasks: there each task returns all its items at once when the batch ends, so
-progress arrives per batch instead of live.
+On its node the task gives the batch, in its slot (the worker's arguments), the GPUs Ray
+assigned to it (the driver's GPU ids mean nothing there) and, when the slot names a torchrun
+port, a port that is free on that node. Ray Client (`ray://` addresses) cannot run streaming
+tasks: there each task returns all its items at once when the batch ends, so progress
+arrives per batch instead of live.
 
 Contract: shared storage. The command's Python (`sys.executable` of the driver), the job
 directory and the inputs must exist at the same paths on every node, and Ray's workers there
@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib
-import json
 import logging
 import os
 import queue
@@ -47,7 +47,6 @@ import re
 import shlex
 import signal
 import socket
-import subprocess
 import threading
 import time
 import weakref
@@ -56,8 +55,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from avatarcli import procs
-from avatarcli.errors import EngineError, InputError
+from avatarcli.errors import EngineError, ExitStatus, InputError
 from avatarcli.presets import ResolvedPreset
+from avatarcli.slot import WorkerTask
 from avatarcli.telemetry import Sampler, Telemetry
 
 if TYPE_CHECKING:
@@ -70,12 +70,6 @@ log = logging.getLogger(__name__)
 EXIT_TASK_LOST = -int(signal.SIGKILL)
 # What `wait()` returns after `stop()`: the task was cancelled and its batch process stopped.
 EXIT_TASK_CANCELLED = -int(signal.SIGTERM)
-# The task itself failed on its node before or around the batch process (e.g. the command's
-# Python is missing there, or the task could not be scheduled): same code as a failed batch.
-EXIT_TASK_ERROR = 3
-# Ray's memory monitor killed the task's worker (the node ran out of host memory): the
-# runner treats this like the batch's own out-of-memory exit and may retry with lighter settings.
-EXIT_TASK_OOM = 4
 
 NEEDS_RAY = "--executor ray needs Ray: pip install 'avatarcli[ray]'"
 _EXIT_LINE = "ray: batch process exited with code "
@@ -101,21 +95,6 @@ def _append_log(path: Path, text: str) -> None:
         log.warning("%s: cannot write to the batch log: %s", path, exc)
 
 
-def _kill_group(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
-    """SIGTERM a batch process's whole process group, SIGKILL it after `grace_s`."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace_s)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 # ---------------------------------------------------------------------------------------------
 # Ray tasks. Module-level functions, so Ray's workers import them from avatarcli.
 
@@ -127,32 +106,23 @@ def _node_name() -> str:
     return f"node {ip} ({node_id[:12]}, {socket.gethostname()})"
 
 
-def _batch_task(cmd: list[str], env: dict[str, str], log_path: str, gpu_ids: list[str],
-                ray_gpus: bool) -> Iterator[tuple[Any, ...]]:
+def _batch_task(task: WorkerTask, log_path: str, ray_gpus: bool) -> Iterator[tuple[Any, ...]]:
     """Runs on a node: one batch process; yields ("start", pid, node), ("line", text)...,
     then ("end", returncode, telemetry)."""
     ray = _import_ray()
     where = _node_name()
-    env = dict(env)
-    slot = json.loads(env.get("AVATARCLI_SLOT_ENV") or "{}")
+    slot = task.slot
     if ray_gpus:
         # The GPUs Ray gave this task on this node, not the ones the driver's slot named.
-        ids = [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-        env["CUDA_VISIBLE_DEVICES"] = slot["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
-        gpu_ids = ids
-    if "MASTER_PORT" in slot:
+        ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+        slot = dataclasses.replace(slot, gpus=tuple(str(i) for i in ids))
+    if slot.port is not None:
         # Tasks of other slots, rows or drivers may share this node: a port free here.
-        env["MASTER_PORT"] = slot["MASTER_PORT"] = str(procs.free_port())
-    if "AVATARCLI_SLOT_ENV" in env:
-        env["AVATARCLI_SLOT_ENV"] = json.dumps(slot)
-    with open(log_path, "ab") as logf:
-        logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} ray {where} worker pid "
-                   f"{os.getpid()}: {shlex.join(cmd)}\n".encode())
-        logf.flush()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=logf, env={**os.environ, **env},
-                                start_new_session=True)
-    sampler = Sampler(proc.pid, gpu_ids).start()
+        slot = dataclasses.replace(slot, port=procs.free_port())
+    cmd = dataclasses.replace(task, slot=slot).command()
+    proc = procs.spawn(cmd, Path(log_path),
+                       header=f"ray {where} worker pid {os.getpid()}: {shlex.join(cmd)}")
+    sampler = Sampler(proc.pid, slot.gpu_ids).start()
     lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
     def pump() -> None:
@@ -184,14 +154,13 @@ def _batch_task(cmd: list[str], env: dict[str, str], log_path: str, gpu_ids: lis
         if not ended:  # cancelled, interrupted or closed: take the batch process down too
             _append_log(Path(log_path), f"ray: task stopped; stopping its batch process "
                                         f"group {proc.pid} on {where}")
-            _kill_group(proc)
+            procs.kill_group(proc)
             sampler.stop()
 
 
-def _batch_task_whole(cmd: list[str], env: dict[str, str], log_path: str, gpu_ids: list[str],
-                      ray_gpus: bool) -> list[tuple[Any, ...]]:
+def _batch_task_whole(task: WorkerTask, log_path: str, ray_gpus: bool) -> list[tuple[Any, ...]]:
     """`_batch_task` as one return value, for Ray Client, which cannot stream."""
-    return list(_batch_task(cmd, env, log_path, gpu_ids, ray_gpus))
+    return list(_batch_task(task, log_path, ray_gpus))
 
 
 def _check_paths_task(paths: list[str], writable: list[str]) -> tuple[str, list[str]]:
@@ -267,11 +236,15 @@ class RayHandle:
             rc = EXIT_TASK_CANCELLED
             _append_log(self._log_path, "ray: task cancelled")
         except exc_mod.OutOfMemoryError as exc:
-            rc = EXIT_TASK_OOM
+            # The node ran out of host memory: like the batch's own out-of-memory exit, so
+            # the runner may retry with lighter settings.
+            rc = ExitStatus.OUT_OF_MEMORY
             _append_log(self._log_path, f"ray: out of memory: Ray's memory monitor killed the "
                                         f"task's worker ({_first_line(exc)})")
         except exc_mod.RayTaskError as exc:
-            rc = EXIT_TASK_ERROR
+            # It failed on its node before or around the batch process (the command's Python
+            # missing there, the task not schedulable): the code of a failed batch.
+            rc = ExitStatus.ENGINE
             cause = getattr(exc, "cause", None) or exc
             _append_log(self._log_path, f"ray: task failed: {type(cause).__name__}: "
                                         f"{_first_line(cause)}")
@@ -474,18 +447,16 @@ class RayExecutor:
 
     # -- the Executor protocol ---------------------------------------------------------------
 
-    def start(self, cmd: list[str], env: dict[str, str], log_path: Path,
-              gpu_ids: list[str]) -> RayHandle:
-        """Submit `cmd` as a Ray task; its stderr goes to `log_path` (shared storage)."""
+    def start(self, task: WorkerTask, log_path: Path) -> RayHandle:
+        """Submit `task` as a Ray task; its stderr goes to `log_path` (shared storage)."""
         ray = self.ensure_ray()
         with self._lock:
             if self._remote is None:
                 self._remote = ray.remote(_batch_task if self.stream else _batch_task_whole)
             remote = self._remote
         opts = self.task_options()
-        opts["name"] = f"avatarcli-batch-{cmd[-1]}" if cmd else "avatarcli-batch"
-        gen = remote.options(**opts).remote(list(cmd), dict(env), str(log_path),
-                                            list(gpu_ids), self.num_gpus_per_task > 0)
+        opts["name"] = f"avatarcli-batch-{task.index}"
+        gen = remote.options(**opts).remote(task, str(log_path), self.num_gpus_per_task > 0)
         return RayHandle(ray, gen, log_path, max_retries=self.max_retries,
                          stop_grace_s=self.stop_grace_s, stream=self.stream)
 

@@ -12,20 +12,19 @@ of one job, and manifest rows whose settings load the same model, share one load
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
-import os
-import signal
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avatarcli import procs
 from avatarcli.options import WorkerOptions
+from avatarcli.slot import WORKER, Slot, WorkerTask
 from avatarcli.telemetry import Sampler
 
 log = logging.getLogger(__name__)
@@ -55,17 +54,12 @@ class WorkerRecord:
 class ResidentWorker:
     """One `python -m avatarcli.worker --resident` process in its own session."""
 
-    def __init__(self, wid: int, key: str, slot_key: str, limits: WorkerOptions,
-                 env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, wid: int, key: str, slot_key: Slot, limits: WorkerOptions,
+                 log_path: Path) -> None:
         self.key, self.slot_key, self.limits = key, slot_key, limits
-        cmd = [sys.executable, "-m", "avatarcli.worker", "--resident"]
-        with open(log_path, "ab") as logf:
-            logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} resident worker {wid} "
-                       f"starts\n".encode())
-            logf.flush()
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=logf, env={**os.environ, **env},
-                                         start_new_session=True)
+        cmd = [*WORKER, "--resident"]  # its tasks, slot included, come over stdin
+        self.proc = procs.spawn(cmd, log_path, header=f"resident worker {wid} starts",
+                                stdin=True)
         self.record = WorkerRecord(id=wid, pid=self.proc.pid)
         self.idle_timer: threading.Timer | None = None
 
@@ -73,8 +67,9 @@ class ResidentWorker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def send(self, spec: dict[str, Any]) -> None:
+    def send(self, task: WorkerTask, log_path: Path) -> None:
         assert self.proc.stdin is not None
+        spec = {**task.to_dict(), "log": str(log_path)}
         self.proc.stdin.write((json.dumps(spec) + "\n").encode())
         self.proc.stdin.flush()
 
@@ -129,24 +124,9 @@ class ResidentWorker:
             except (OSError, subprocess.TimeoutExpired):
                 pass
         if self.proc.poll() is None:
-            _kill_session(self.proc)
+            procs.kill_group(self.proc)
         else:  # whatever it started and left behind (its model process) goes too
-            _kill_session(self.proc, wait=False)
-
-
-def _kill_session(proc: subprocess.Popen[bytes], *, wait: bool = True) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        if not wait:
-            return
-        try:
-            proc.wait(timeout=5.0)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            procs.kill_leftovers(self.proc)
 
 
 class ResidentHandle:
@@ -195,15 +175,16 @@ class ResidentPool:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: dict[tuple[str, str], list[ResidentWorker]] = {}
+        self._idle: dict[tuple[str, Slot], list[ResidentWorker]] = {}
         self._all: list[ResidentWorker] = []
         self._closed = False
 
-    def start(self, *, key: str, slot: dict[str, str], limits: WorkerOptions,
-              env: dict[str, str], spec: dict[str, Any], log_path: Path,
-              gpu_ids: list[str]) -> ResidentHandle:
-        """Send one batch (`spec`: job, index, rung, slot, log) to a worker for `key`."""
-        slot_key = json.dumps(slot, sort_keys=True)
+    def start(self, *, key: str, task: WorkerTask, limits: WorkerOptions,
+              log_path: Path) -> ResidentHandle:
+        """Send one batch to a worker for `key` on the task's slot, its log to `log_path`."""
+        # A worker serves one slot (its GPUs, its port); the threads a batch may use are
+        # set per batch, so they do not split workers.
+        slot_key = dataclasses.replace(task.slot, threads=None)
         with self._lock:
             worker = None
             idle = self._idle.get((key, slot_key), [])
@@ -216,15 +197,14 @@ class ResidentPool:
                 else:
                     candidate.record.ended = candidate.record.ended or "exited while idle"
             if worker is None:
-                worker = ResidentWorker(len(self._all) + 1, key, slot_key, limits, env,
-                                        log_path)
+                worker = ResidentWorker(len(self._all) + 1, key, slot_key, limits, log_path)
                 self._all.append(worker)
                 log.info("resident worker %d (pid %d) starts for %s", worker.record.id,
                          worker.proc.pid, log_path.name)
         worker.limits = limits
-        handle = ResidentHandle(self, worker, f"{spec['job']}#{spec['index']}", gpu_ids)
+        handle = ResidentHandle(self, worker, task.name, task.slot.gpu_ids)
         with contextlib.suppress(OSError):  # if it died, lines() ends and wait() tells how
-            worker.send(spec)
+            worker.send(task, log_path)
         return handle
 
     def finished(self, handle: ResidentHandle) -> None:

@@ -6,32 +6,28 @@ whatever it started. On the first failure the rest are cancelled and the failure
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
 import re
-import shlex
-import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from avatarcli.errors import EngineError, EnvironmentProblem, OutOfMemoryError
+from avatarcli import procs
+from avatarcli.errors import EngineError, EnvironmentProblem, ExitStatus, OutOfMemoryError
 from avatarcli.options import WorkerOptions
 from avatarcli.resident import ResidentHandle, ResidentPool
+from avatarcli.slot import THREADS_VAR, Slot, WorkerTask
 from avatarcli.telemetry import Sampler
 
 log = logging.getLogger(__name__)
 
-EXIT_OOM = 4  # what avatarcli.worker exits with on out-of-memory
-EXIT_ENVIRONMENT = EnvironmentProblem.exit_code  # ... on a problem of the machine (disk full)
 LOG_TAIL_LINES = 12
 
 TIMEOUT_RETRIES = 1  # a batch that timed out is launched once more before the job fails
@@ -84,31 +80,12 @@ class Hooks:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def worker_command(job_dir: Path, index: int) -> list[str]:
-    return [sys.executable, "-m", "avatarcli.worker", str(job_dir), str(index)]
-
-
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
     return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
-                grace_s: float = 5.0) -> None:
-    """Stop a batch process and everything it started (its whole process group)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=grace_s)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 class BatchHandle(Protocol):
@@ -137,12 +114,12 @@ class Executor(Protocol):
     """Where batch processes run. Nothing above the runner knows which one it is."""
 
     def slots(self, jobs: int) -> list[dict[str, str]] | None:
-        """The environments of concurrent batches, or None to let the engine decide (GPUs)."""
+        """The environments of concurrent batches (as engines describe slots: see
+        Slot.from_env), or None to let the engine decide (GPUs)."""
         ...
 
-    def start(self, cmd: list[str], env: dict[str, str], log_path: Path,
-              gpu_ids: list[str]) -> BatchHandle:
-        """Start `cmd` (a worker command) with `env` added, its stderr to `log_path`."""
+    def start(self, task: WorkerTask, log_path: Path) -> BatchHandle:
+        """Start a batch process for `task`, its stderr to `log_path`."""
         ...
 
     def for_row(self, preset: Any) -> Executor:
@@ -166,7 +143,7 @@ class LocalHandle:
         return self.proc.wait()
 
     def stop(self) -> None:
-        _kill_group(self.proc)
+        procs.kill_group(self.proc)
         if not self._telemetry:
             self._telemetry = self._sampler.stop().to_dict()
 
@@ -183,16 +160,10 @@ class LocalExecutor:
     def for_row(self, preset: Any) -> LocalExecutor:
         return self  # this machine's GPUs are shared out by the engine, row by row
 
-    def start(self, cmd: list[str], env: dict[str, str], log_path: Path,
-              gpu_ids: list[str]) -> LocalHandle:
-        with open(log_path, "ab") as logf:
-            logf.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
-            logf.flush()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=logf, env={**os.environ, **env},
-                                    start_new_session=True)
+    def start(self, task: WorkerTask, log_path: Path) -> LocalHandle:
+        proc = procs.spawn(task.command(), log_path)
         # Peak RSS of the whole tree and GPU memory of its devices, sampled while it runs.
-        return LocalHandle(proc, Sampler(proc.pid, gpu_ids).start())
+        return LocalHandle(proc, Sampler(proc.pid, task.slot.gpu_ids).start())
 
 
 _ACTIVE: set[Runner] = set()
@@ -208,10 +179,11 @@ def cancel_all() -> None:
 
 
 class Runner:
-    """Runs `indices` of a job; `slots` gives each concurrent process its environment."""
+    """Runs `indices` of a job; `slots` (environment dicts, as engines and executors give
+    them) says where each concurrent batch process runs."""
 
     def __init__(self, job_dir: Path, log_path: Callable[[int], Path], *,
-                 slots: Sequence[dict[str, str]], cooldown_s: float = 0.0,
+                 slots: Sequence[Mapping[str, str]], cooldown_s: float = 0.0,
                  oom_rungs: int = 0, hooks: Hooks | None = None,
                  executor: Executor | None = None, resident: Resident | None = None,
                  timeout_s: Callable[[int], float] | None = None) -> None:
@@ -221,7 +193,12 @@ class Runner:
         self.executor: Executor = executor or LocalExecutor()
         self.oom_rungs = oom_rungs
         self.log_path = log_path
-        self.slots = list(slots)
+        threads = None
+        if len(slots) > 1:
+            # Share the cores between concurrent batches instead of oversubscribing them.
+            threads = int(os.environ.get(THREADS_VAR) or
+                          max(1, (os.cpu_count() or 1) // len(slots)))
+        self.slots = [Slot.from_env(s, threads=threads) for s in slots]
         self.cooldown_s = cooldown_s
         self.hooks = hooks or Hooks()
         self.resident = resident
@@ -233,7 +210,7 @@ class Runner:
 
     def run(self, indices: Sequence[int]) -> None:
         """Render every index; raise EngineError/OutOfMemoryError on the first failure."""
-        free: queue.SimpleQueue[dict[str, str]] = queue.SimpleQueue()
+        free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         for slot in self.slots:
             free.put(slot)
         with _ACTIVE_LOCK:
@@ -271,7 +248,7 @@ class Runner:
                     self._cancel.wait(remaining)
             self._last_launch = time.monotonic()
 
-    def _run_one(self, index: int, free: queue.SimpleQueue[dict[str, str]]) -> None:
+    def _run_one(self, index: int, free: queue.SimpleQueue[Slot]) -> None:
         if self._cancel.is_set():
             return
         slot = free.get()
@@ -298,29 +275,17 @@ class Runner:
         finally:
             free.put(slot)
 
-    def _launch(self, index: int, slot: dict[str, str], rung: int = 0,
-                retried: bool = False) -> None:
-        cmd = worker_command(self.job_dir, index)
-        env = {**slot, "AVATARCLI_SLOT_ENV": json.dumps(slot), "AVATARCLI_RUNG": str(rung)}
-        if len(self.slots) > 1:
-            # Share the cores between concurrent batches instead of oversubscribing them.
-            env["AVATARCLI_THREADS"] = os.environ.get(
-                "AVATARCLI_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.slots))))
+    def _launch(self, index: int, slot: Slot, rung: int = 0, retried: bool = False) -> None:
+        task = WorkerTask(self.job_dir, index, rung, slot)
         log_path = self.log_path(index)
-        gpu_ids = [g for g in slot.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
         started = time.monotonic()
         handle: BatchHandle
         if self.resident is not None:
             r = self.resident
-            worker_env = {k: v for k, v in env.items()
-                          if k not in ("AVATARCLI_SLOT_ENV", "AVATARCLI_RUNG")}
-            handle = r.pool.start(
-                key=r.keys[rung], slot=slot, limits=r.limits, env=worker_env,
-                spec={"job": str(self.job_dir), "index": index, "rung": rung, "slot": slot,
-                      "log": str(log_path)},
-                log_path=log_path, gpu_ids=gpu_ids)
+            handle = r.pool.start(key=r.keys[rung], task=task, limits=r.limits,
+                                  log_path=log_path)
         else:
-            handle = self.executor.start(cmd, env, log_path, gpu_ids)
+            handle = self.executor.start(task, log_path)
         with self._procs_lock:
             self._procs[index] = handle
         with self.hooks.lock:
@@ -349,7 +314,7 @@ class Runner:
         telemetry = handle.telemetry()
         seconds = time.monotonic() - started
         worker = _worker_facts(handle)
-        if rc == 0:
+        if rc == ExitStatus.OK:
             with self.hooks.lock:
                 self.hooks.finished(BatchResult(index, seconds, rc, rung, telemetry, worker))
             return
@@ -362,7 +327,8 @@ class Runner:
                         "it again in a new worker", index, -rc)
             self._launch(index, slot, rung, retried=True)
             return
-        kind = "oom" if rc == EXIT_OOM else "environment" if rc == EXIT_ENVIRONMENT else "crash"
+        kind = ("oom" if rc == ExitStatus.OUT_OF_MEMORY else
+                "environment" if rc == ExitStatus.ENVIRONMENT else "crash")
         reason = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
         if expired.is_set():
             kind, reason = "timeout", (f"timed out after {limit:g} s (batch_timeout_s) and was "

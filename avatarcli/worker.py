@@ -1,11 +1,12 @@
-"""The batch process: `python -m avatarcli.worker JOB_DIR INDEX`.
+"""The batch process: `python -m avatarcli.worker [--rung K] [--gpus IDS] [--port N]
+[--threads N] JOB_DIR INDEX` (its task and slot: avatarcli.slot.WorkerTask).
 
 Renders one part under a temporary name, verifies it, renames it, exits. It reads the
 manifest but never writes it (the parent does). Progress goes to stdout as `progress N` lines;
 logs go to stderr, which the parent sends to the batch's log file.
 
 `python -m avatarcli.worker --resident` is a resident worker: it takes batch after batch as
-JSON lines on stdin ({"job", "index", "rung", "slot", "log"}), keeps the engine's model loaded
+JSON lines on stdin (WorkerTask.to_dict() and "log"), keeps the engine's model loaded
 between them, answers each with `progress N` lines and one `done {...}` line (its memory after
 the batch), logs each batch into that batch's log file, and exits with the batch process's
 codes on the first failure (the runner then replaces it).
@@ -27,27 +28,31 @@ from pathlib import Path
 
 from avatarcli import engines, presets
 from avatarcli.engines.base import Engine, PartTask
-from avatarcli.errors import AvatarError, EnvironmentProblem, OutOfMemoryError, from_os_error
+from avatarcli.errors import (
+    AvatarError,
+    EnvironmentProblem,
+    ExitStatus,
+    OutOfMemoryError,
+    from_os_error,
+)
 from avatarcli.job import JobDir, Manifest
 from avatarcli.media.verify import check_video
 from avatarcli.options import Preset
+from avatarcli.slot import WorkerTask
 
 log = logging.getLogger("avatarcli.worker")
 
-EXIT_FAILED = 3
-EXIT_OOM = 4
-EXIT_ENVIRONMENT = EnvironmentProblem.exit_code  # disk full, ffmpeg killed: this machine
-EXIT_ORPHANED = 70  # the parent died: stop rather than render for nobody
-
 
 class Orphaned(Exception):
-    pass
+    """The parent died (or nobody reads our progress): stop rather than render for nobody."""
 
 
-def load_task(job_dir: Path, index: int, rung: int,
-              env: dict[str, str]) -> tuple[JobDir, Preset, PartTask]:
-    """The job, the preset (with out-of-memory retry rungs 1..rung applied) and the task."""
-    job = JobDir(job_dir)
+def load_task(task: WorkerTask) -> tuple[JobDir, Preset, PartTask]:
+    """The job, the preset (with out-of-memory retry rungs 1..rung applied) and the part to
+    render. Sets this process's environment from the task's slot first."""
+    os.environ.update(task.slot.environ())
+    index, rung = task.index, task.rung
+    job = JobDir(task.job_dir)
     manifest = Manifest.from_dict(job.load())
     values = manifest.preset["values"]
     if rung:  # an out-of-memory retry: the preset's lighter settings, rungs 1..k
@@ -56,16 +61,14 @@ def load_task(job_dir: Path, index: int, rung: int,
                  values["oom_retry"][rung - 1])
     preset = presets.build(values, f"{job.manifest_path} preset")
     return job, preset, manifest.task(job, index, overlap_frames=engines.seam_overlap(preset),
-                                      env=env)
+                                      env=task.slot.engine_env())
 
 
-def render_part(job_dir: Path, index: int) -> None:
-    rung = int(os.environ.get("AVATARCLI_RUNG", "0"))
-    env = json.loads(os.environ.get("AVATARCLI_SLOT_ENV", "{}"))
-    job, preset, task = load_task(job_dir, index, rung, env)
+def render_part(task: WorkerTask) -> None:
+    job, preset, part = load_task(task)
     engine = engines.create(preset)
     try:
-        render_with(engine, job, task)
+        render_with(engine, job, part)
     finally:
         engine.close()
 
@@ -149,10 +152,8 @@ class _Resident:
         self.engine: Engine | None = None
         self.report: dict[str, object] = {}
 
-    def render(self, spec: dict[str, object]) -> None:
-        job, preset, task = load_task(Path(str(spec["job"])), int(str(spec["index"])),
-                                      int(str(spec.get("rung", 0))),
-                                      _slot(spec.get("slot")))
+    def render(self, spec: WorkerTask) -> None:
+        job, preset, task = load_task(spec)
         fresh = engines.create(preset)
         if self.engine is not None and not fresh.take_over(self.engine):
             self.engine.close()  # another model: the old one goes
@@ -170,10 +171,6 @@ class _Resident:
             self.engine = None
 
 
-def _slot(value: object) -> dict[str, str]:
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
-
-
 def serve() -> int:
     """The resident worker's loop (see the module docstring); its exit code."""
     state = _Resident()
@@ -183,13 +180,13 @@ def serve() -> int:
                 continue
             spec = json.loads(line)
             with _log_into(Path(spec["log"])):  # errors too go to that batch's log
-                code = _exit_code(functools.partial(state.render, spec))
-            if code != 0:
+                code = _exit_code(functools.partial(state.render, WorkerTask.from_dict(spec)))
+            if code != ExitStatus.OK:
                 return code
             print("done " + json.dumps(state.report), flush=True)
     finally:
         state.close()
-    return 0
+    return ExitStatus.OK
 
 
 def _exit_code(fn: Callable[[], None]) -> int:
@@ -198,23 +195,23 @@ def _exit_code(fn: Callable[[], None]) -> int:
         fn()
     except Orphaned as exc:
         log.error("stopping: %s", exc)
-        return EXIT_ORPHANED
+        return ExitStatus.ORPHANED
     except OutOfMemoryError as exc:
         log.error("out of memory: %s", exc)
-        return EXIT_OOM
+        return ExitStatus.OUT_OF_MEMORY
     except EnvironmentProblem as exc:
         log.error("%s", exc)
-        return EXIT_ENVIRONMENT
+        return ExitStatus.ENVIRONMENT
     except OSError as exc:  # a full disk while writing the part: the machine, not the job
         known = from_os_error(exc)
         if not isinstance(known, EnvironmentProblem):
             raise
         log.error("%s", known)
-        return EXIT_ENVIRONMENT
+        return ExitStatus.ENVIRONMENT
     except AvatarError as exc:
         log.error("%s", exc)
-        return EXIT_FAILED
-    return 0
+        return ExitStatus.ENGINE
+    return ExitStatus.OK
 
 
 @contextlib.contextmanager
@@ -241,14 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     resident = args == ["--resident"]
-    if not resident and len(args) != 2:
-        print("usage: python -m avatarcli.worker JOB_DIR INDEX | --resident", file=sys.stderr)
-        return 2
+    task = None if resident else WorkerTask.parse(args)  # bad arguments: usage, exit 2
     if os.getpgid(0) == os.getpid():  # only when started as a group leader by the runner
         watch_parent(os.getppid())
-    if resident:
+    if task is None:
         return serve()
-    return _exit_code(lambda: render_part(Path(args[0]), int(args[1])))
+    return _exit_code(functools.partial(render_part, task))
 
 
 if __name__ == "__main__":

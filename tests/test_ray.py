@@ -39,6 +39,7 @@ from avatarcli.ray_executor import (  # noqa: E402
     RayExecutor,
     check_shared_paths,
 )
+from avatarcli.slot import Slot, WorkerTask  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -296,13 +297,18 @@ TICKER = [sys.executable, "-c",
           "    time.sleep(0.05)"]
 
 
+def stand_in(program: list[str], slot: Slot | None = None) -> WorkerTask:
+    """A task whose batch process is `program` (it gets the task's arguments after its own)."""
+    return WorkerTask(Path("/no-job"), 0, slot=slot or Slot(), program=tuple(program))
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["streaming", "whole"])
 def test_stop_cancels_the_task_and_kills_its_process_group(rays: Rays, tmp_path: Path,
                                                            stream: bool) -> None:
     rays.local()
     executor = RayExecutor("local", stream=stream)  # whole: how Ray Client (ray://) runs
     log = tmp_path / "batch.log"
-    handle = executor.start(TICKER, {}, log, [])
+    handle = executor.start(stand_in(TICKER), log)
     if stream:
         lines = handle.lines()
         assert [next(lines) for _ in range(3)] == ["progress 0", "progress 1", "progress 2"]
@@ -312,7 +318,7 @@ def test_stop_cancels_the_task_and_kills_its_process_group(rays: Rays, tmp_path:
         lines = iter(())
         deadline = time.monotonic() + 30
         while not (found := [p for p in psutil.process_iter(["cmdline"])
-                             if p.info["cmdline"] == TICKER]):
+                             if p.info["cmdline"][:len(TICKER)] == TICKER]):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         child = found[0]
@@ -337,8 +343,8 @@ def test_without_streaming_the_lines_come_at_the_end(rays: Rays, tmp_path: Path)
     executor = RayExecutor("local", stream=False)
     assert RayExecutor("ray://head:10001").task_options()["num_returns"] == 1
     assert executor.task_options()["num_returns"] == 1
-    handle = executor.start([*TICKER[:2], TICKER[2].replace("600", "5")], {},
-                            tmp_path / "batch.log", [])
+    handle = executor.start(stand_in([*TICKER[:2], TICKER[2].replace("600", "5")]),
+                            tmp_path / "batch.log")
     assert list(handle.lines()) == [f"progress {i}" for i in range(5)]
     assert handle.wait() == 0 and handle.telemetry()["wall_s"] > 0
 
@@ -347,7 +353,7 @@ def test_a_task_that_exhausts_its_retries_exits_non_zero(rays: Rays, tmp_path: P
     rays.local()
     executor = RayExecutor("local", max_retries=0)  # shares the running instance
     log = tmp_path / "batch.log"
-    handle = executor.start(QUIET, {}, log, [])
+    handle = executor.start(stand_in(QUIET), log)
     assert next(handle.lines()) == "progress 0"
     assert handle.pid is not None
     child = psutil.Process(handle.pid)
@@ -408,23 +414,24 @@ def test_check_shared_paths_names_the_node_and_the_missing_path(rays: Rays,
     del latest
 
 
-ENV_PRINTER = [sys.executable, "-c",
-               "import os\nfor k in ('CUDA_VISIBLE_DEVICES', 'MASTER_PORT', 'AVATARCLI_SLOT_ENV'):"
-               "\n    print(k, os.environ.get(k), flush=True)"]
+# Prints the slot it was given, read from its arguments as the worker reads them.
+SLOT_PRINTER = [sys.executable, "-c",
+                "import sys\nfrom avatarcli.slot import WorkerTask\n"
+                "slot = WorkerTask.parse(sys.argv[1:]).slot\n"
+                "print('gpus', ','.join(slot.gpu_ids), flush=True)\n"
+                "print('port', slot.port, flush=True)"]
 
 
 def test_gpu_tasks_get_the_gpus_and_a_port_of_their_node(rays: Rays, tmp_path: Path) -> None:
     cluster, _ = rays.two_nodes()
     executor = RayExecutor(cluster.address, num_gpus_per_task=1)
     assert [n["NodeID"] for n in executor.check_resources()] == [rays.worker_node.node_id]
-    slot = {"CUDA_VISIBLE_DEVICES": "7", "MASTER_PORT": "29101"}  # the driver's, meaningless
-    env = {**slot, "AVATARCLI_SLOT_ENV": json.dumps(slot)}
-    handle = executor.start(ENV_PRINTER, env, tmp_path / "batch.log", ["7"])
+    slot = Slot(gpus=("7",), port=29101)  # the driver's, meaningless on the node
+    handle = executor.start(stand_in(SLOT_PRINTER, slot), tmp_path / "batch.log")
     seen = dict(line.split(" ", 1) for line in handle.lines())
     assert handle.wait() == 0
-    assert seen["CUDA_VISIBLE_DEVICES"] in ("0", "1")
-    assert json.loads(seen["AVATARCLI_SLOT_ENV"]) == {
-        "CUDA_VISIBLE_DEVICES": seen["CUDA_VISIBLE_DEVICES"], "MASTER_PORT": seen["MASTER_PORT"]}
+    assert seen["gpus"] in ("0", "1")  # one GPU of the worker node, as Ray assigned it
+    assert 0 < int(seen["port"]) < 65536  # a port free on that node
     assert handle.node is not None and rays.worker_node.node_id[:12] in handle.node
     with pytest.raises(InputError, match="no node of the Ray cluster has 1 CPU and 5 GPU"):
         RayExecutor(cluster.address, num_gpus_per_task=5).check_resources()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import typer
 from avatarcli.errors import (
     AvatarError,
     EnvironmentProblem,
+    ExitStatus,
     InputError,
     Interrupted,
     from_os_error,
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
     from avatarcli.ray_executor import RayExecutor
 
 log = logging.getLogger("avatarcli")
-EXIT_INTERNAL = 70  # EX_SOFTWARE: an error avatarcli did not expect
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -111,13 +112,13 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err("error: interrupted (SIGINT); rerun the same command to resume")
-            raise typer.Exit(130) from None
+            raise typer.Exit(ExitStatus.interrupted(signal.SIGINT)) from None
         except (typer.Exit, typer.Abort):
             raise
         except MemoryError:
             err("error: this machine ran out of memory (a problem of this machine, not of "
                  "the input; rerun the same command to resume)")
-            raise typer.Exit(EnvironmentProblem.exit_code) from None
+            raise typer.Exit(ExitStatus.ENVIRONMENT) from None
         except OSError as exc:  # a full disk, a read-only folder: the environment, not a bug
             known = from_os_error(exc)
             if known is None:
@@ -135,7 +136,7 @@ def _internal(exc: BaseException) -> NoReturn:
         log.debug("internal error", exc_info=exc)
     err(f"error: internal error: {type(exc).__name__}: {exc} (a bug; rerun with -v "
          f"or --log-file for the traceback)")
-    raise typer.Exit(EXIT_INTERNAL) from None
+    raise typer.Exit(ExitStatus.INTERNAL) from None
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -144,8 +145,6 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def install_signal_handlers() -> None:
-    import signal
-
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 

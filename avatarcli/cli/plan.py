@@ -21,7 +21,7 @@ from avatarcli.cli.common import (
     preset_ref,
     setup_logging,
 )
-from avatarcli.errors import InputError
+from avatarcli.errors import ExitStatus, InputError
 
 
 @app.command("plan")
@@ -88,7 +88,7 @@ def plan_cmd(
                                       host_mem_gb=host, card_only=card_only):
                 typer.echo(line)
         if found is None:
-            raise typer.Exit(1)
+            raise typer.Exit(ExitStatus.FAILED)
         return
     for what, path in (("audio", audio), ("image", image)):
         if path is not None and not path.is_file():
@@ -126,6 +126,6 @@ def plan_cmd(
             echo(f"  estimated time: {result.est_seconds / 60:.1f} min at "
                        f"{seen['fps']} frames/s")
     if not result.fits:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitStatus.FAILED)
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from avatarcli.errors import AvatarError, EnvironmentProblem
+from avatarcli.errors import AvatarError, EnvironmentProblem, ExitStatus
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ BASE_ARGS = ("-nostdin", "-hide_banner")
 class FFmpegError(AvatarError):
     """ffmpeg exited non-zero. `stderr_tail` holds its last lines."""
 
-    exit_code = 3
+    exit_code = ExitStatus.ENGINE
 
     def __init__(self, message: str, stderr_tail: str = "") -> None:
         super().__init__(message)

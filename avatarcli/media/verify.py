@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from avatarcli.errors import AvatarError
+from avatarcli.errors import AvatarError, ExitStatus
 from avatarcli.media import streams
 
 
 class VerifyError(AvatarError):
     """A part or the output is not what the plan says it must be."""
 
-    exit_code = 3
+    exit_code = ExitStatus.ENGINE
 
 
 def check_video(path: Path, *, frames: int, width: int, height: int, fps: int,
