@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -22,6 +22,10 @@ from avatarcli.cli.common import (
     setup_logging,
 )
 from avatarcli.errors import ExitStatus, InputError
+
+if TYPE_CHECKING:
+    from avatarcli.engines.liveavatar.fit import MemoryPlan
+    from avatarcli.gpus import GpuFact
 
 
 @app.command("plan")
@@ -52,42 +56,14 @@ def plan_cmd(
     from avatarcli import gpus as gpu_info
     from avatarcli import history
     from avatarcli.engines.liveavatar import fit
-    from avatarcli.engines.liveavatar import memory as mem_model
 
     setup_logging(verbose, as_json, log_file)
     facts = gpu_info.facts()
     resolved = presets.resolve(preset_ref(preset, None), presets.parse_set(set_ or []))
+    host = host_mem if host_mem is not None else gpu_info.host_memory_gb()
     if fit_:
-        host = host_mem if host_mem is not None else gpu_info.host_memory_gb()
-        name, found = fit.lever_fit(resolved, gpus=gpus, gpu_mem_gb=gpu_mem, facts=facts,
-                                    host_mem_gb=host, tflops=tflops or mem_model.GPU_TFLOPS,
-                                    pcie_gib_s=pcie or mem_model.PCIE_GIB_PER_S)
-        count = gpus or max(1, len(facts))
-        card = gpu_mem if gpu_mem is not None else fit.smallest_card_gb(facts) or 0.0
-        if as_json:
-            typer.echo(json.dumps({
-                "baseline": name, "gpus": count, "gpu_mem_gb": card, "host_mem_gb": host,
-                "fits": found is not None,
-                "set": found.set_lines() if found else [],
-                "workers": found.workers if found else 0,
-                "fps_per_worker": round(found.cost.fps, 3) if found else None,
-                "fps": round(found.fps, 3) if found else None,
-                "per_gpu_peak_gb": round(found.estimate.per_gpu_peak_gb, 2) if found else None,
-                "host_peak_gb": round(found.host.peak_gb, 2) if found else None,
-                "components": ({k: round(v, 2) for k, v in found.estimate.components.items()}
-                               if found else {}),
-            }, indent=1))
-        else:
-            card_only = None
-            if found is None and host is not None:
-                _, card_only = fit.lever_fit(resolved, gpus=gpus, gpu_mem_gb=gpu_mem,
-                                             facts=facts, host_mem_gb=None,
-                                             tflops=tflops or mem_model.GPU_TFLOPS,
-                                             pcie_gib_s=pcie or mem_model.PCIE_GIB_PER_S)
-            for line in fit.fit_lines(name, found, gpus=count, gpu_mem_gb=card,
-                                      host_mem_gb=host, card_only=card_only):
-                typer.echo(line)
-        if found is None:
+        if not _fit(resolved, facts, gpus=gpus, gpu_mem=gpu_mem, host=host, tflops=tflops,
+                    pcie=pcie, as_json=as_json):
             raise typer.Exit(ExitStatus.FAILED)
         return
     for what, path in (("audio", audio), ("image", image)):
@@ -95,12 +71,54 @@ def plan_cmd(
             raise InputError(f"{path}: {what} file not found")
     seen = history.seen(resolved.preset, facts[0].name if facts else None)
     result = fit.memory_plan(resolved, gpus=gpus, gpu_mem_gb=gpu_mem, facts=facts, audio=audio,
-                             image=image,
-                             seen=seen, host_mem_gb=host_mem if host_mem is not None
-                             else gpu_info.host_memory_gb())
-    if as_json:
+                             image=image, seen=seen, host_mem_gb=host)
+    if as_json:  # the verdict is in "fits"
         echo(json.dumps(result.to_dict(), indent=1))
         return
+    _print_plan(result, seen, audio, image)
+    if not result.fits:
+        raise typer.Exit(ExitStatus.FAILED)
+
+
+def _fit(resolved: presets.ResolvedPreset, facts: list[GpuFact], *, gpus: int | None,
+         gpu_mem: float | None, host: float | None, tflops: float, pcie: float,
+         as_json: bool) -> bool:
+    """`plan --fit`: print the fastest levers that fit; False when nothing fits."""
+    from avatarcli.engines.liveavatar import fit
+    from avatarcli.engines.liveavatar import memory as mem_model
+
+    rates = {"tflops": tflops or mem_model.GPU_TFLOPS,
+             "pcie_gib_s": pcie or mem_model.PCIE_GIB_PER_S}
+    name, found = fit.lever_fit(resolved, gpus=gpus, gpu_mem_gb=gpu_mem, facts=facts,
+                                host_mem_gb=host, **rates)
+    count = gpus or max(1, len(facts))
+    card = gpu_mem if gpu_mem is not None else fit.smallest_card_gb(facts) or 0.0
+    if as_json:
+        echo(json.dumps({
+            "baseline": name, "gpus": count, "gpu_mem_gb": card, "host_mem_gb": host,
+            "fits": found is not None,
+            "set": found.set_lines() if found else [],
+            "workers": found.workers if found else 0,
+            "fps_per_worker": round(found.cost.fps, 3) if found else None,
+            "fps": round(found.fps, 3) if found else None,
+            "per_gpu_peak_gb": round(found.estimate.per_gpu_peak_gb, 2) if found else None,
+            "host_peak_gb": round(found.host.peak_gb, 2) if found else None,
+            "components": ({k: round(v, 2) for k, v in found.estimate.components.items()}
+                           if found else {}),
+        }, indent=1))
+        return found is not None
+    card_only = None
+    if found is None and host is not None:  # is it the host RAM, not the card?
+        _, card_only = fit.lever_fit(resolved, gpus=gpus, gpu_mem_gb=gpu_mem, facts=facts,
+                                     host_mem_gb=None, **rates)
+    for line in fit.fit_lines(name, found, gpus=count, gpu_mem_gb=card, host_mem_gb=host,
+                              card_only=card_only):
+        echo(line)
+    return found is not None
+
+
+def _print_plan(result: MemoryPlan, seen: dict[str, Any], audio: Path | None,
+                image: Path | None) -> None:
     echo(f"preset {result.preset} (engine {result.engine}), frames {result.width}x"
          f"{result.height}" + ("" if image else " (the area key's; --image IMAGE for a portrait's)"))
     if result.estimate is None:
@@ -115,17 +133,13 @@ def plan_cmd(
     if seen:
         peak = seen.get("peak_gpu_gb")
         echo(f"  seen on {seen['gpu']} in {seen['jobs']} earlier job(s): "
-                   f"{seen['fps']} frames/s" + (f", peak {peak} GB per GPU" if peak else ""))
+             f"{seen['fps']} frames/s" + (f", peak {peak} GB per GPU" if peak else ""))
     if audio is not None:
         echo(f"  {audio}: {result.duration_s:.1f} s -> {result.frames} frames in "
-                   f"{len(result.batches)} batch(es)")
+             f"{len(result.batches)} batch(es)")
         for b in result.batches:
             echo(f"    batch {b['index']:4d}: frames {b['frame_start']}-{b['frame_end'] - 1}"
-                       f", {b['clips']} clip(s)")
+                 f", {b['clips']} clip(s)")
         if result.est_seconds is not None:
             echo(f"  estimated time: {result.est_seconds / 60:.1f} min at "
-                       f"{seen['fps']} frames/s")
-    if not result.fits:
-        raise typer.Exit(ExitStatus.FAILED)
-
-
+                 f"{seen['fps']} frames/s")
