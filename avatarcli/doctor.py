@@ -116,8 +116,8 @@ def check_torch() -> list[Check]:
     build = gpus.torch_build()
     if build is None:
         return [Check("torch", "warn", "not installed (or fails to import) in this environment",
-                      "nothing to do for the built-in engine; GPU engines run in their own "
-                      "environment (liveavatar.torchrun)")]
+                      "nothing to do for the built-in engine; model engines run in their own "
+                      "environment (e.g. liveavatar.torchrun)")]
     return [Check("torch", "ok", f"{build.version}, {build.kind}")]
 
 
@@ -154,8 +154,8 @@ def check_gpus(preset: Preset | None = None) -> list[Check]:
         have = len(gpus.visible()) or len(found)
         if have < need.gpus:
             out.append(Check("gpus per launch", "fail", f"the preset needs {need.gpus} GPUs per "
-                             f"launch; {have} visible", "use a 1-GPU LiveAvatar preset or "
-                             "make more GPUs visible (CUDA_VISIBLE_DEVICES, --gpus)"))
+                             f"launch; {have} visible", "use a preset with fewer GPUs per "
+                             "launch or make more GPUs visible (CUDA_VISIBLE_DEVICES, --gpus)"))
     return out
 
 

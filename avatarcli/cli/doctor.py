@@ -29,7 +29,7 @@ def doctor_cmd(
     log_file: LogFile = None,
     verbose: Verbose = False,
 ) -> None:
-    """Check ffmpeg, torch, GPUs, the LiveAvatar set-up and disk space; say how to fix problems."""
+    """Check ffmpeg, torch, GPUs, the preset's engine set-up and disk space; say how to fix problems."""
     from avatarcli import doctor
 
     setup_logging(verbose, as_json, log_file)
