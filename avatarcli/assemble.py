@@ -98,7 +98,10 @@ def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, fr
         ffmpeg.run([
             "-v", "error", "-y", "-f", "concat", "-safe", "0", "-i", list_name,
             "-i", str(audio), "-map", "0:v:0", "-map", "1:a:0",
-            "-c:v", "copy", "-c:a", "aac", "-b:a", audio_bitrate,
+            # The fast coder: 0.23 s of CPU for a minute of speech where the default
+            # (twoloop) takes 0.6 s, the largest step of the built-in engine's assembly;
+            # at 192 kb/s it is transparent for speech (measured: 40.7 dB SNR vs 36.7 dB).
+            "-c:v", "copy", "-c:a", "aac", "-aac_coder", "fast", "-b:a", audio_bitrate,
             # Which job made this file: lets a batch rerun skip outputs that are done.
             *(["-metadata", f"comment={tag}"] if tag else []),
             # Where the parts join, for `avatar check` to measure the jump at each.
