@@ -272,6 +272,9 @@ class VideoWriter:
             fcntl.fcntl(self._proc.stdin.fileno(), 1031, self.PIPE_BYTES)  # F_SETPIPE_SZ
         self._queue: queue.Queue[object] = queue.Queue(maxsize=self.QUEUE_CHUNKS)
         self._error: BaseException | None = None
+        self._written = 0  # chunks handed to the pipe (or dropped after an error)
+        self._done = threading.Condition()
+        self._stopped = False
         self._thread = threading.Thread(target=self._pump, name="encoder-pipe", daemon=True)
         self._thread.start()
         self.frames = 0
@@ -279,19 +282,36 @@ class VideoWriter:
     def _pump(self) -> None:
         stdin = self._proc.stdin
         assert stdin is not None
-        while isinstance(chunk := self._queue.get(), memoryview):
-            if self._error is None:
-                try:
-                    stdin.write(chunk)
-                except (BrokenPipeError, ValueError, OSError) as exc:
-                    self._error = exc  # keep draining so the producer never blocks
+        try:
+            while isinstance(chunk := self._queue.get(), memoryview):
+                if self._error is None:
+                    try:
+                        stdin.write(chunk)
+                    except (BrokenPipeError, ValueError, OSError) as exc:
+                        self._error = exc  # keep draining so the producer never blocks
+                with self._done:
+                    self._written += 1
+                    self._done.notify_all()
+        finally:
+            with self._done:
+                self._stopped = True
+                self._done.notify_all()
 
     def write(self, frames: np.ndarray) -> None:
-        """Queue frames for encoding; the array is handed over and must not be changed after."""
+        """Queue frames for encoding; the array is handed over: it must not be changed until
+        `wait_written` says this chunk is written."""
         if self._error is not None:
             self.close()  # raises with ffmpeg's own message
         self._queue.put(np.ascontiguousarray(frames).data)
         self.frames += len(frames)
+
+    def wait_written(self, chunks: int) -> None:
+        """Block until the first `chunks` chunks given to `write` are in the pipe: their
+        arrays are the caller's again (the pipe's writer copies what it does not write)."""
+        with self._done:
+            self._done.wait_for(lambda: self._written >= chunks or self._stopped)
+        if self._written < chunks:
+            raise RuntimeError(f"VideoWriter: {chunks} chunks awaited, {self._written} written")
 
     def close(self) -> None:
         if self._thread.is_alive():
