@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import LOSSLESS
+from PIL import Image
 
 from avatarcli import media as avmedia
 from avatarcli.engines.builtin import engine
@@ -76,7 +77,8 @@ def test_the_engine_pipes_the_animators_frames(media: dict[str, Path], tmp_path:
     assert result["batches"] == 1
     job = JobDir.for_output(out)
     manifest = job.load()
-    rgb = cv2.cvtColor(cv2.imread(str(job.portrait)), cv2.COLOR_BGR2RGB)
+    with Image.open(job.portrait) as im:  # the pixels as PIL reads them (the engine: OpenCV)
+        rgb = np.asarray(im.convert("RGB"))
     features = np.load(job.features)
     values = manifest["preset"]["values"]
     animator = Animator(rgb, FaceLayout.from_dict(manifest["engine_state"]["layout"]),

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress
+from avatarcli.errors import EngineError
 
 CHUNK_FRAMES = 8  # frames per call: small chunks keep the encoder fed and memory flat (measured)
 # Chunk buffers reused in turn: the writer's queue, the one in the pipe, the one being drawn.
@@ -39,7 +40,6 @@ class BuiltinEngine(Engine):
 
     def render(self, task: PartTask, progress: Progress) -> None:
         import cv2
-        from PIL import Image
 
         from avatarcli import media
         from avatarcli.engines.builtin.animate import (
@@ -55,8 +55,12 @@ class BuiltinEngine(Engine):
             cv2.setNumThreads(threads)
         opts = self.preset.builtin
         inp, batch = task.inputs, task.batch
-        with Image.open(inp.portrait) as im:
-            portrait = np.asarray(im.convert("RGB"))
+        # OpenCV reads the job's 8-bit RGB PNG to the same pixels as PIL, and is loaded here
+        # anyway (PIL would be one more import on every batch process's start).
+        bgr = cv2.imread(str(inp.portrait), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise EngineError(f"{inp.portrait}: cannot read the job's portrait")
+        portrait = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         layout = FaceLayout.from_dict(task.engine_state["layout"])
         features = np.load(inp.features, mmap_mode="r")[batch.frame_start:batch.frame_end]
         features = np.asarray(features, dtype=np.float32)
