@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -39,7 +40,8 @@ class FFmpegError(AvatarError):
 
 
 # Set by ffmpeg_exe() once it has found a working binary, for the processes this one starts
-# (batch processes): {"key": where it was looked for, "exe": the binary, "pid": who checked}.
+# (batch processes): {"key": where it was looked for (host, FFMPEG_BINARY, PATH), "exe": the
+# binary, "pid": who checked}.
 VERIFIED_ENV = "AVATARCLI_FFMPEG_VERIFIED"
 
 
@@ -49,7 +51,7 @@ def ffmpeg_exe() -> str:
 
     A binary that is missing or does not answer `-version` like ffmpeg is a problem of this
     machine (EnvironmentProblem), never blamed on the user's files. A process started by
-    one that checked the same lookup (same FFMPEG_BINARY and PATH) takes its answer
+    one that checked the same lookup (same host, FFMPEG_BINARY and PATH) takes its answer
     instead of running the binary again (a batch process's start is on every job's path).
     """
     key = _lookup_key()
@@ -62,7 +64,10 @@ def ffmpeg_exe() -> str:
 
 
 def _lookup_key() -> list[str]:
-    return [os.environ.get("FFMPEG_BINARY", ""), os.environ.get("PATH", "")]
+    # The host too: an environment copied to another machine (a cluster node) names
+    # binaries that machine has not been checked for.
+    return [socket.gethostname(), os.environ.get("FFMPEG_BINARY", ""),
+            os.environ.get("PATH", "")]
 
 
 def _inherited(key: list[str]) -> str | None:

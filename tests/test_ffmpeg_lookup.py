@@ -68,7 +68,12 @@ def test_another_lookup_or_our_own_record_is_checked_again(
     monkeypatch.setenv(ffmpeg.VERIFIED_ENV, json.dumps({**record, "pid": os.getpid() + 1}))
     ffmpeg.ffmpeg_exe.cache_clear()
     assert ffmpeg.ffmpeg_exe() == str(exe) and runs(log) == 2
-    # ...but not for another FFMPEG_BINARY: that one is checked (and found broken).
+    # ...but not one made on another host (an environment copied to a cluster node)...
+    monkeypatch.setenv(ffmpeg.VERIFIED_ENV, json.dumps(
+        {**record, "pid": os.getpid() + 1, "key": ["elsewhere", *record["key"][1:]]}))
+    ffmpeg.ffmpeg_exe.cache_clear()
+    assert ffmpeg.ffmpeg_exe() == str(exe) and runs(log) == 3
+    # ...nor for another FFMPEG_BINARY: that one is checked (and found broken).
     monkeypatch.setenv("FFMPEG_BINARY", "/bin/false")
     ffmpeg.ffmpeg_exe.cache_clear()
     with pytest.raises(EnvironmentProblem, match="not a working ffmpeg"):
