@@ -52,6 +52,14 @@ def sample_rss(proc: psutil.Popen, peaks: dict[str, float], stop: threading.Even
         stop.wait(0.02)
 
 
+def children_cpu() -> float:
+    """CPU seconds of the processes this one has waited for (the gen tree, ffmpeg alone)."""
+    import resource
+
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return kids.ru_utime + kids.ru_stime
+
+
 X264_PRESET: str | None = None  # --x264-preset: overrides the default preset's
 
 
@@ -102,62 +110,105 @@ def ffmpeg_alone(image: Path, frames: int, workdir: Path) -> float:
     return time.perf_counter() - t0
 
 
-def stages(audio: Path, image: Path, out: Path, workdir: Path) -> list[tuple[str, float]]:
-    """Each stage of `avatar gen` on its own, in wall seconds (what the whole run is made of).
-
-    `out` is the output of a finished run (its part and output are re-verified here).
+def stages(audio: Path, image: Path, out: Path, workdir: Path) -> list[tuple[str, float, float]]:
+    """Each stage of `avatar gen` on its own: (name, wall s, CPU s of this process and the
+    ones it waited for). CPU is the steadier figure on a shared machine. `out` is the
+    output of a finished run (its part and output are re-verified here).
     """
+    import resource
+
+    from PIL import Image
+
     from avatarcli import analysis
     from avatarcli.engines.builtin.animate import mouth_spread
+    from avatarcli.engines.builtin.engine import paste_i420
     from avatarcli.media import assemble, streams
 
-    def timed(fn: object) -> float:
-        t0 = time.perf_counter()
-        fn()  # type: ignore[operator]
-        return time.perf_counter() - t0
+    rows: list[tuple[str, float, float]] = []
 
-    rows: list[tuple[str, float]] = []
-    rows.append(("process start (python -c pass)",
-                 timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))))
-    rows.append(("start + imports, parent (avatarcli.cli)", timed(lambda: subprocess.run(
-        [sys.executable, "-c", "import avatarcli.cli"], check=True))))
-    rows.append(("start + imports, batch process (worker, engine)", timed(lambda: subprocess.run(
-        [sys.executable, "-c", "import avatarcli.worker, avatarcli.engines.builtin.engine, "
-         "avatarcli.engines.builtin.animate, cv2, PIL.Image"], check=True))))
+    def timed(name: str, fn: object) -> None:
+        def cpu() -> float:
+            kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return time.process_time() + kids.ru_utime + kids.ru_stime
+
+        t0, c0 = time.perf_counter(), cpu()
+        fn()  # type: ignore[operator]
+        rows.append((name, time.perf_counter() - t0, cpu() - c0))
+
+    def python(code: str) -> None:
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+    timed("process start (python -c pass)", lambda: python("pass"))
+    timed("start + imports, parent (avatarcli.cli)", lambda: python("import avatarcli.cli"))
+    timed("start + imports, batch process (worker, engine)", lambda: python(
+        "import avatarcli.worker, avatarcli.engines.builtin.engine, "
+        "avatarcli.engines.builtin.animate, cv2"))
+    timed("ffmpeg -version (the binary's check)", lambda: ffmpeg_bin.run(["-version"]))
     feats: list[analysis.AudioFeatures] = []
-    rows.append(("analysis (decode audio + features)",
-                 timed(lambda: feats.append(analysis.analyse(audio, FPS)))))
+    timed("analysis (decode audio + features)",
+          lambda: feats.append(analysis.analyse(audio, FPS)))
     rgb = fit(load(image), SIZE, SIZE)
+    timed("portrait PNG into the job (PIL, level 6 as now)",
+          lambda: Image.fromarray(rgb).save(workdir / "p6.png"))
+    timed("portrait PNG into the job (PIL, level 1)",
+          lambda: Image.fromarray(rgb).save(workdir / "p1.png", compress_level=1))
     layouts: list[object] = []
-    rows.append(("face detection", timed(lambda: layouts.append(find_face(rgb)))))
+    timed("face detection", lambda: layouts.append(find_face(rgb)))
     layout = layouts[0] or fallback_layout(SIZE, SIZE)
     animator = Animator(rgb, layout, seed=420, fps=FPS)  # type: ignore[arg-type]
     f = feats[0].features
     openness, spread = mouth_openness(f, 1.0), mouth_spread(f)
     n = len(openness)
-    frame = np.empty((1, SIZE, SIZE, 3), np.uint8)
-    yuv = np.empty((SIZE * 3 // 2, SIZE), np.uint8)
+    yuv = np.empty((8, SIZE * 3 // 2, SIZE), np.uint8)
+    box = animator.changed_box
 
-    def render() -> None:
+    def render_rgb() -> None:
         for s in range(0, n, 8):
             animator.render(np.arange(s, min(s + 8, n)), openness[s:s + 8], spread[s:s + 8])
 
-    def convert() -> None:
-        for _ in range(n):
-            cv2.cvtColor(frame[0], cv2.COLOR_RGB2YUV_I420, dst=yuv)
+    def render_rgb_convert() -> None:  # the engine before: whole frames, fresh buffers
+        for s in range(0, n, 8):
+            frames = animator.render(np.arange(s, min(s + 8, n)), openness[s:s + 8],
+                                     spread[s:s + 8])
+            buf = np.empty((len(frames), SIZE * 3 // 2, SIZE), np.uint8)
+            for k, frame in enumerate(frames):
+                cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420, dst=buf[k])
 
-    rows.append((f"rendering {n} frames (RGB)", timed(render)))
-    rows.append((f"colour conversion {n} frames (RGB -> I420)", timed(convert)))
-    rows.append((f"x264 encode {n} frames (ffmpeg alone)", ffmpeg_alone(image, n, workdir)))
+    def render_box() -> None:  # the engine now: the changed box, pasted into kept buffers
+        yuv[...] = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
+        assert box is not None
+        for i in range(n):
+            paste_i420(yuv[i % 8], animator.render_box(i, float(openness[i]),
+                                                       float(spread[i])), box)
+
+    timed(f"rendering {n} frames, whole RGB frames", render_rgb)
+    timed("rendering + I420, whole frames (engine before)", render_rgb_convert)
+    timed("rendering + I420, changed box only (engine now)", render_box)
+    alone = ffmpeg_alone(image, n, workdir)
+    rows.append((f"x264 encode {n} frames (ffmpeg alone; wall only)", alone, float("nan")))
     part = workdir / "alone.mp4"
-    rows.append(("verify a part: full decode (before)",
-                 timed(lambda: streams.video_frames(part, decode=True))))
-    rows.append(("verify a part: packet count (now)",
-                 timed(lambda: streams.video_frames(part, decode=False))))
+    timed("verify a part: probe, then full decode (before i16)",
+          lambda: (streams.probe(part), streams.video_frames(part, decode=True)))
+    timed("verify a part: probe, then packet count (before)",
+          lambda: (streams.probe(part), streams.video_frames(part, decode=False)))
+    timed("verify a part: probe + packet count, one run (now)",
+          lambda: streams.probe_frames(part, decode=False))
+    wav = workdir / "timeline.wav"
+    streams.decode_to_wav(audio, wav)
+    for coder in ("twoloop", "fast"):
+        when = "before" if coder == "twoloop" else "now"
+        timed(f"AAC 192k of the timeline, {coder} coder ({when})",
+              lambda c=coder: ffmpeg_bin.run(["-v", "error", "-y", "-i", str(wav), "-c:a", "aac",
+                                          "-aac_coder", c, "-b:a", "192k",
+                                          str(workdir / f"{c}.m4a")]))
     joined = workdir / "joined.mp4"
-    rows.append(("assembly (concat + AAC 192k + verify)", timed(lambda: assemble.assemble(
-        [part], audio, joined, audio_s=feats[0].duration_s, frames=n, width=SIZE, height=SIZE,
-        fps=FPS))))
+    timed("assembly (concat + fast AAC + verify by packets)", lambda: assemble.assemble(
+        [part], wav, joined, audio_s=feats[0].duration_s, frames=n, width=SIZE, height=SIZE,
+        fps=FPS, overwrite=True))
+    timed("verify output: audio length by decoding (before)",
+          lambda: streams.audio_seconds(joined, decode=True))
+    timed("verify output: audio length by packets (now)",
+          lambda: streams.audio_seconds(joined, decode=False))
     return rows
 
 
@@ -177,22 +228,27 @@ def main() -> None:
     image = demo.portrait(workdir / "portrait.png", size=SIZE)
     short = demo.speech_track(workdir / "short.wav", seconds=args.seconds, seed=1)
 
+    cpu0 = children_cpu()
     wall, peaks_short, summary = run_gen(short, image, workdir / "short.mp4")
+    cpu1 = children_cpu()
     frames = summary["frames"]
     alone = ffmpeg_alone(image, frames, workdir)
+    cpu2 = children_cpu()
     fps_e2e, fps_alone = frames / wall, frames / alone
     print(f"speed ({args.seconds:g} s of audio, {frames} frames, {SIZE}x{SIZE}, "
           f"{summary['batches']} batch(es), x264 {' '.join(x264_args()[1:6:2])}):")
     print(f"  avatar gen end to end: {wall:6.2f} s  {fps_e2e:7.1f} frames/s "
-          f"({fps_e2e / FPS:.1f}x real time)")
-    print(f"  ffmpeg alone:          {alone:6.2f} s  {fps_alone:7.1f} frames/s")
+          f"({fps_e2e / FPS:.1f}x real time), CPU {cpu1 - cpu0:.2f} s")
+    print(f"  ffmpeg alone:          {alone:6.2f} s  {fps_alone:7.1f} frames/s, "
+          f"CPU {cpu2 - cpu1:.2f} s")
     print(f"  ratio: {fps_e2e / fps_alone:.2f} of ffmpeg alone "
           f"(targets: >= 300 frames/s, >= 0.50)")
 
     if args.stages:
-        print("stages, each on its own (wall s; they overlap in a real run):")
-        for name, secs in stages(short, image, workdir / "short.mp4", workdir):
-            print(f"  {name:50s} {secs:6.3f}")
+        print("stages, each on its own (they overlap in a real run):")
+        print(f"  {'':56s} {'wall s':>7s} {'CPU s':>7s}")
+        for name, secs, cpu in stages(short, image, workdir / "short.mp4", workdir):
+            print(f"  {name:56s} {secs:7.3f} {cpu:7.3f}")
 
     if args.long_seconds > 0:
         long = demo.speech_track(workdir / "long.wav", seconds=args.long_seconds, seed=2)

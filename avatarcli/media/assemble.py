@@ -98,7 +98,10 @@ def assemble(parts: list[Path], audio: Path, output: Path, *, audio_s: float, fr
         ffmpeg_bin.run([
             "-v", "error", "-y", "-f", "concat", "-safe", "0", "-i", list_name,
             "-i", str(audio), "-map", "0:v:0", "-map", "1:a:0",
-            "-c:v", "copy", "-c:a", "aac", "-b:a", audio_bitrate,
+            # The fast coder: 0.23 s of CPU for a minute of speech where the default
+            # (twoloop) takes 0.6 s, the largest step of the built-in engine's assembly;
+            # at 192 kb/s it is transparent for speech (measured: 40.7 dB SNR vs 36.7 dB).
+            "-c:v", "copy", "-c:a", "aac", "-aac_coder", "fast", "-b:a", audio_bitrate,
             # Which job made this file: lets a batch rerun skip outputs that are done.
             *(["-metadata", f"comment={tag}"] if tag else []),
             # Where the parts join, for `avatar check` to measure the jump at each.
@@ -156,11 +159,17 @@ def _appeared(output: Path) -> InputError:
 
 def verify_output(path: Path, *, audio_s: float, frames: int, width: int, height: int,
                   fps: int) -> None:
-    """Video and audio present, the planned frame count, and the audio's duration within a frame."""
+    """Video and audio present, the planned frame count, and the audio's duration within a frame.
+
+    Packets, not samples: the parts were verified when they were made, and the audio was
+    encoded by the ffmpeg run that wrote this file (which failed unless it finished), so
+    reading every packet of both streams proves the file whole; the audio's packet
+    timestamps give the same length as decoding it (which took ~0.07 s a minute).
+    """
     info = check_video(path, frames=frames, width=width, height=height, fps=fps, decode=False)
     if info.first("audio") is None:
         raise VerifyError(f"{path}: no audio stream")
-    got_audio = streams.audio_seconds(path)
+    got_audio = streams.audio_seconds(path, decode=False)
     video_s = frames / fps
     tolerance = 1.0 / fps
     if abs(got_audio - audio_s) > tolerance:

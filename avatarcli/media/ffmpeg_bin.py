@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import logging
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -37,13 +39,52 @@ class FFmpegError(AvatarError):
         self.stderr_tail = stderr_tail
 
 
+# Set by ffmpeg_exe() once it has found a working binary, for the processes this one starts
+# (batch processes): {"key": where it was looked for (host, FFMPEG_BINARY, PATH), "exe": the
+# binary, "pid": who checked}.
+VERIFIED_ENV = "AVATARCLI_FFMPEG_VERIFIED"
+
+
 @functools.lru_cache(maxsize=1)
 def ffmpeg_exe() -> str:
     """Path of a working ffmpeg: $FFMPEG_BINARY, else ffmpeg on PATH, else imageio-ffmpeg's.
 
     A binary that is missing or does not answer `-version` like ffmpeg is a problem of this
-    machine (EnvironmentProblem), never blamed on the user's files.
+    machine (EnvironmentProblem), never blamed on the user's files. A process started by
+    one that checked the same lookup (same host, FFMPEG_BINARY and PATH) takes its answer
+    instead of running the binary again (a batch process's start is on every job's path).
     """
+    key = _lookup_key()
+    inherited = _inherited(key)
+    if inherited is not None:
+        return inherited
+    exe = _find()
+    os.environ[VERIFIED_ENV] = json.dumps({"key": key, "exe": exe, "pid": os.getpid()})
+    return exe
+
+
+def _lookup_key() -> list[str]:
+    # The host too: an environment copied to another machine (a cluster node) names
+    # binaries that machine has not been checked for.
+    return [socket.gethostname(), os.environ.get("FFMPEG_BINARY", ""),
+            os.environ.get("PATH", "")]
+
+
+def _inherited(key: list[str]) -> str | None:
+    """The binary a parent process verified for this same lookup, if it is still there."""
+    try:
+        record = json.loads(os.environ.get(VERIFIED_ENV, ""))
+        exe, pid = str(record["exe"]), int(record["pid"])
+        same = record["key"] == key
+    except (ValueError, KeyError, TypeError):
+        return None
+    # This process's own record is no answer: clearing the cache means "look again".
+    if not same or pid == os.getpid() or not os.access(exe, os.X_OK):
+        return None
+    return exe
+
+
+def _find() -> str:
     env = os.environ.get("FFMPEG_BINARY")
     if env:
         if shutil.which(env) is None:

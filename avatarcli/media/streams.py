@@ -56,7 +56,12 @@ _INPUT_RE = re.compile(r"^Input #0, ([^,]+(?:,[^,]+)*?), from")
 
 def probe(path: Path) -> Probe:
     """Streams and container duration of a media file, from `ffmpeg -i` (no ffprobe needed)."""
-    stderr = ffmpeg_bin.run(["-i", str(path)], check=False)
+    return _parse_probe(path, ffmpeg_bin.run(["-i", str(path)], check=False))
+
+
+def _parse_probe(path: Path, stderr: str) -> Probe:
+    """The Probe from what `ffmpeg -i` prints about its input (an output's part is ignored)."""
+    stderr = re.split(r"^(?:Stream mapping:|Output #0)", stderr, maxsplit=1, flags=re.M)[0]
     fmt_m = next((m for line in stderr.splitlines() if (m := _INPUT_RE.match(line))), None)
     if fmt_m is None:
         raise InputError(f"{path}: not a media file ffmpeg can read "
@@ -170,13 +175,47 @@ def video_frames(path: Path, *, decode: bool = True) -> int:
     """Frames in the first video stream; `decode=False` counts packets (fast, catches truncation)."""
     args = ["-v", "error", "-i", str(path), "-map", "0:v:0", *([] if decode else ["-c", "copy"])]
     stderr = ffmpeg_bin.run([*args, "-f", "null", "-progress", "pipe:2", "-nostats", "-"])
+    return _progress_frames(stderr)
+
+
+def _progress_frames(stderr: str) -> int:
     frames = re.findall(r"^frame=(\d+)", stderr, re.M)
     return int(frames[-1]) if frames else 0
 
 
-def audio_seconds(path: Path) -> float:
-    """Decoded length of the first audio stream, in seconds."""
-    stderr = ffmpeg_bin.run(["-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "null",
+def probe_frames(path: Path, *, decode: bool = True) -> tuple[Probe, int | None, str]:
+    """`probe` and `video_frames` in one ffmpeg run (one start of ffmpeg fewer per check).
+
+    Returns (probe, frames, error): frames is None when the first video stream could not be
+    read to its end (no video stream, or ffmpeg failed: `error` says why). Raises like
+    `probe` when the file is not media at all.
+    """
+    args = ["-i", str(path), "-map", "0:v:0", *([] if decode else ["-c", "copy"]),
+            "-f", "null", "-progress", "pipe:2", "-nostats", "-"]
+    # At the default log level ffmpeg describes its input (the probe) before reading it.
+    cmd = ffmpeg_bin.command(args)
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, check=False,
+                          preexec_fn=ffmpeg_bin.die_with_parent)
+    stderr = proc.stderr.decode("utf-8", "replace")
+    if proc.returncode != 0:
+        ffmpeg_bin.raise_for_environment(proc.returncode, stderr, cmd)
+    info = _parse_probe(path, stderr)
+    if proc.returncode != 0:
+        said = [line for line in stderr.splitlines() if not _PROGRESS_RE.match(line)]
+        return info, None, ffmpeg_bin.tail("\n".join(said), 3) or f"exit {proc.returncode}"
+    return info, _progress_frames(stderr), ""
+
+
+_PROGRESS_RE = re.compile(r"^\w+=\S*$")  # a `-progress` line (key=value)
+
+
+def audio_seconds(path: Path, *, decode: bool = True) -> float:
+    """Length of the first audio stream, in seconds: decoded, or with `decode=False` from
+    its packets' timestamps (the container's edit list applied; measured equal to the
+    decoded length to the microsecond for AAC in MP4 at 16, 22.05 and 48 kHz)."""
+    stderr = ffmpeg_bin.run(["-v", "error", "-i", str(path), "-map", "0:a:0",
+                         *([] if decode else ["-c", "copy"]), "-f", "null",
                          "-progress", "pipe:2", "-nostats", "-"])
     times = re.findall(r"^out_time_us=(\d+)", stderr, re.M)
     return int(times[-1]) / 1e6 if times else 0.0
@@ -233,6 +272,9 @@ class VideoWriter:
             fcntl.fcntl(self._proc.stdin.fileno(), 1031, self.PIPE_BYTES)  # F_SETPIPE_SZ
         self._queue: queue.Queue[object] = queue.Queue(maxsize=self.QUEUE_CHUNKS)
         self._error: BaseException | None = None
+        self._written = 0  # chunks handed to the pipe (or dropped after an error)
+        self._done = threading.Condition()
+        self._stopped = False
         self._thread = threading.Thread(target=self._pump, name="encoder-pipe", daemon=True)
         self._thread.start()
         self.frames = 0
@@ -240,19 +282,36 @@ class VideoWriter:
     def _pump(self) -> None:
         stdin = self._proc.stdin
         assert stdin is not None
-        while isinstance(chunk := self._queue.get(), memoryview):
-            if self._error is None:
-                try:
-                    stdin.write(chunk)
-                except (BrokenPipeError, ValueError, OSError) as exc:
-                    self._error = exc  # keep draining so the producer never blocks
+        try:
+            while isinstance(chunk := self._queue.get(), memoryview):
+                if self._error is None:
+                    try:
+                        stdin.write(chunk)
+                    except (BrokenPipeError, ValueError, OSError) as exc:
+                        self._error = exc  # keep draining so the producer never blocks
+                with self._done:
+                    self._written += 1
+                    self._done.notify_all()
+        finally:
+            with self._done:
+                self._stopped = True
+                self._done.notify_all()
 
     def write(self, frames: np.ndarray) -> None:
-        """Queue frames for encoding; the array is handed over and must not be changed after."""
+        """Queue frames for encoding; the array is handed over: it must not be changed until
+        `wait_written` says this chunk is written."""
         if self._error is not None:
             self.close()  # raises with ffmpeg's own message
         self._queue.put(np.ascontiguousarray(frames).data)
         self.frames += len(frames)
+
+    def wait_written(self, chunks: int) -> None:
+        """Block until the first `chunks` chunks given to `write` are in the pipe: their
+        arrays are the caller's again (the pipe's writer copies what it does not write)."""
+        with self._done:
+            self._done.wait_for(lambda: self._written >= chunks or self._stopped)
+        if self._written < chunks:
+            raise RuntimeError(f"VideoWriter: {chunks} chunks awaited, {self._written} written")
 
     def close(self) -> None:
         if self._thread.is_alive():

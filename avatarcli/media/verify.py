@@ -22,7 +22,8 @@ def check_video(path: Path, *, frames: int, width: int, height: int, fps: int,
     """
     if not path.is_file() or path.stat().st_size == 0:
         raise VerifyError(f"{path}: missing or empty")
-    info = streams.probe(path)
+    # One ffmpeg run describes the file and reads (or decodes) its video to the end.
+    info, got, error = streams.probe_frames(path, decode=decode)
     video = info.first("video")
     if video is None:
         raise VerifyError(f"{path}: no video stream")
@@ -30,10 +31,8 @@ def check_video(path: Path, *, frames: int, width: int, height: int, fps: int,
         raise VerifyError(f"{path}: size {video.width}x{video.height}, expected {width}x{height}")
     if abs(video.fps - fps) > 0.01:
         raise VerifyError(f"{path}: {video.fps:g} fps, expected {fps}")
-    try:
-        got = streams.video_frames(path, decode=decode)
-    except AvatarError as exc:
-        raise VerifyError(f"{path}: cannot be decoded ({exc})") from exc
+    if got is None:
+        raise VerifyError(f"{path}: cannot be decoded ({error})")
     if got != frames:
         raise VerifyError(f"{path}: {got} frames, expected {frames}")
     return info

@@ -229,6 +229,7 @@ class Animator:
         ry0, ry1 = _span(top, bottom, self._height)
         self._roi = (rx0, ry0, rx1, ry1)
         self._has_roi = rx1 - rx0 >= 2 and ry1 - ry0 >= 2
+        self._canvas: np.ndarray | None = None  # render_box's frame, the portrait outside
         self._setup_schedule()
         self._setup_mouth()
         if self._has_roi:
@@ -609,6 +610,34 @@ class Animator:
         return out
 
     @property
+    def changed_box(self) -> _Box | None:
+        """(x0, y0, x1, y1) with even corners: outside it every frame is the portrait
+        (None: every frame is). Even, so that a YUV 4:2:0 conversion of the box alone gives
+        the same bytes as converting whole frames (its chroma blocks never straddle it)."""
+        if not self._has_roi:
+            return None
+        rx0, ry0, rx1, ry1 = self._roi
+        return (rx0 & ~1, ry0 & ~1, min(rx1 + (rx1 & 1), self._width),
+                min(ry1 + (ry1 & 1), self._height))
+
+    def render_box(self, frame_index: int, openness: float, spread: float = 0.0) -> np.ndarray:
+        """One frame inside `changed_box` only: a (y1-y0, x1-x0, 3) view of an internal
+        canvas, valid until the next call, byte-identical to that part of render()'s frame.
+
+        Only the box is reset and drawn, where render() copies the whole portrait: the
+        cheaper path for a caller that keeps the static rest itself (the engine's YUV).
+        """
+        box = self.changed_box
+        if box is None:
+            raise ValueError("no part of this portrait moves (changed_box is None)")
+        if self._canvas is None:
+            self._canvas = self.portrait.copy()
+        x0, y0, x1, y1 = box
+        self._render_into(self._canvas, int(frame_index), float(openness), float(spread),
+                          reset=box)
+        return self._canvas[y0:y1, x0:x1]
+
+    @property
     def opening_line(self) -> float:
         """The row the mouth opens at: the lip line, or below the upper teeth of a smile."""
         return self._mouth_c[1]
@@ -628,14 +657,21 @@ class Animator:
         width = 1.0 + ease * (_SPREAD_WIDEN * wide - _ROUND_NARROW * rnd)
         return travel, width
 
-    def _render_into(self, frame: np.ndarray, i: int, openness: float, spread: float) -> None:
+    def _render_into(self, frame: np.ndarray, i: int, openness: float, spread: float,
+                     reset: _Box | None = None) -> None:
+        """Draw frame i into `frame`: all of it, or with `reset` (a box holding everything
+        that can move) only that box, the rest of `frame` being the portrait already."""
         travel, width = self._shape(openness, spread)
         mouth = travel >= 0.02 and self._mouth_box is not None
         blink = self._blink(i)
         pose = self._pose(i)
         # The static parts (one straight copy beats many strided pieces); when nothing
         # moves, the frame is the portrait itself.
-        frame[...] = self.portrait
+        if reset is None:
+            frame[...] = self.portrait
+        else:
+            x0, y0, x1, y1 = reset
+            frame[y0:y1, x0:x1] = self.portrait[y0:y1, x0:x1]
         if not self._has_roi or (pose.still and not mouth and blink <= 0.0):
             return
         mouth_shift = self._shift_at(pose, *self._mouth_c)

@@ -9,9 +9,12 @@ from typing import Any
 import numpy as np
 
 from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress
+from avatarcli.errors import EngineError
 from avatarcli.options import knob
 
 CHUNK_FRAMES = 8  # frames per call: small chunks keep the encoder fed and memory flat (measured)
+# Chunk buffers reused in turn: the writer's queue, the one in the pipe, the one being drawn.
+RING_CHUNKS = 6
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,6 @@ class BuiltinEngine(Engine):
 
     def render(self, task: PartTask, progress: Progress) -> None:
         import cv2
-        from PIL import Image
 
         from avatarcli.engines.builtin.animate import (
             Animator,
@@ -78,8 +80,12 @@ class BuiltinEngine(Engine):
             cv2.setNumThreads(threads)
         opts = self.preset.section(BuiltinOptions)
         inp, batch = task.inputs, task.batch
-        with Image.open(inp.portrait) as im:
-            portrait = np.asarray(im.convert("RGB"))
+        # OpenCV reads the job's 8-bit RGB PNG to the same pixels as PIL, and is loaded here
+        # anyway (PIL would be one more import on every batch process's start).
+        bgr = cv2.imread(str(inp.portrait), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise EngineError(f"{inp.portrait}: cannot read the job's portrait")
+        portrait = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         layout = FaceLayout.from_dict(task.engine_state["layout"])
         features = np.load(inp.features, mmap_mode="r")[batch.frame_start:batch.frame_end]
         features = np.asarray(features, dtype=np.float32)
@@ -91,17 +97,42 @@ class BuiltinEngine(Engine):
                                     blink_rate_per_min=opts.blink_rate_per_min,
                                     head_motion=opts.head_motion, teeth=opts.teeth),
         )
+        # Frames go to x264 as YUV 4:2:0 (half the bytes of RGB, no conversion in ffmpeg).
+        # Outside the animator's changed box every frame is the portrait, so chunk buffers
+        # are filled with the portrait's YUV once and reused; per frame only the box is
+        # drawn, converted and pasted (the box's corners are even: the same bytes as
+        # converting the whole frame).
+        static = cv2.cvtColor(portrait, cv2.COLOR_RGB2YUV_I420)
+        box = animator.changed_box
+        ring = np.empty((RING_CHUNKS, CHUNK_FRAMES, *static.shape), np.uint8)
+        ring[...] = static
         with streams.VideoWriter(task.out, width=inp.width, height=inp.height, fps=inp.fps,
                                preset=opts.x264_preset, crf=opts.crf, threads=threads,
                                pix_fmt="yuv420p") as writer:
-            for start in range(batch.frame_start, batch.frame_end, CHUNK_FRAMES):
+            for n, start in enumerate(range(batch.frame_start, batch.frame_end, CHUNK_FRAMES)):
                 end = min(start + CHUNK_FRAMES, batch.frame_end)
-                indices = np.arange(start, end, dtype=np.int64)
-                local = slice(start - batch.frame_start, end - batch.frame_start)
-                rgb = animator.render(indices, openness[local], spread[local])
-                # A fresh buffer per chunk: the writer owns it until ffmpeg has read it.
-                yuv = np.empty((len(rgb), inp.height * 3 // 2, inp.width), np.uint8)
-                for i, frame in enumerate(rgb):
-                    cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420, dst=yuv[i])
-                writer.write(yuv)
+                if n >= RING_CHUNKS:  # the writer owns a buffer until ffmpeg has it
+                    writer.wait_written(n - RING_CHUNKS + 1)
+                chunk = ring[n % RING_CHUNKS, : end - start]
+                if box is not None:
+                    for k, i in enumerate(range(start, end)):
+                        local = i - batch.frame_start
+                        paste_i420(chunk[k], animator.render_box(i, float(openness[local]),
+                                                                 float(spread[local])), box)
+                writer.write(chunk)
                 progress(end - batch.frame_start)
+
+
+def paste_i420(frame: np.ndarray, rgb: np.ndarray, box: tuple[int, int, int, int]) -> None:
+    """Convert `rgb` (the pixels of `box`, even corners) to I420 into that box of `frame`,
+    one (H*3/2, W) I420 frame as cv2.COLOR_RGB2YUV_I420 lays it out."""
+    import cv2
+
+    x0, y0, x1, y1 = box
+    h, w = y1 - y0, x1 - x0
+    height, width = frame.shape[0] * 2 // 3, frame.shape[1]
+    sub = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420).reshape(-1)
+    frame[y0:y1, x0:x1] = sub[: h * w].reshape(h, w)
+    planes = frame.reshape(-1)[height * width:].reshape(2, height // 2, width // 2)
+    sub_planes = sub[h * w:].reshape(2, h // 2, w // 2)
+    planes[:, y0 // 2 : y1 // 2, x0 // 2 : x1 // 2] = sub_planes
