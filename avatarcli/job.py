@@ -229,9 +229,15 @@ class JobDir:
         """The recording decoded once to PCM: the one timeline that slicing and muxing use."""
         return self.path / "audio.wav"
 
+    @property
+    def encoded_audio(self) -> Path:
+        """The timeline encoded to AAC while the parts render (what the output muxes)."""
+        return self.path / "audio.m4a"
+
     def remove_temporaries(self) -> None:
         """Temporary files of an assembly that was killed (they are as big as the video)."""
-        for pattern in (".output.*.tmp.mp4", ".concat-*.txt", ".joined-*.mp4"):
+        for pattern in (".output.*.tmp.mp4", ".concat-*.txt", ".joined-*.mp4",
+                        ".audio-encode.m4a"):
             for stale in self.path.glob(pattern):
                 stale.unlink(missing_ok=True)
 
