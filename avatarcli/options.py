@@ -132,13 +132,21 @@ def top_level_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(Preset) if f.name != "sections"]
 
 
-def rendering_values(values: dict[str, Any]) -> dict[str, Any]:
+# Sections that were fixed fields of every preset before engines declared their own (0.1.0):
+# a job or output made then was identified with all of them.
+LEGACY_SECTIONS = ("builtin", "liveavatar", "command")
+
+
+def rendering_values(values: dict[str, Any], *, legacy: bool = False) -> dict[str, Any]:
     """Of a preset's values (Preset.to_dict()), those that decide the rendered pixels: the
     common knobs and the section of the engine in use, without NON_RENDERING_KEYS. Another
-    engine's section (an installed plugin's, say) never changes a job's identity."""
+    engine's section (an installed plugin's, say) never changes a job's identity.
+    `legacy`: as identified before, with every built-in engine's section."""
     top = set(top_level_keys())
     out = {k: v for k, v in values.items() if k in top and k not in NON_RENDERING_KEYS}
     engine = values.get("engine")
     if isinstance(engine, str) and engine in values and engine not in top:
         out[engine] = values[engine]
+    if legacy:
+        out.update({k: values[k] for k in LEGACY_SECTIONS if k in values})
     return out

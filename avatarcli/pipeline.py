@@ -302,8 +302,10 @@ def render_parts(job: Prepared, *, force: bool, events: Events, executor: Execut
     Returns (the record, batches reused, batches rendered)."""
     preset = job.preset
     digests = {"audio": file_digest(job.inputs.audio), "image": file_digest(job.inputs.image)}
-    key = _key(digests, preset, job.inputs.face)
-    manifest = _open_job(job, key, digests, force=force) or _new_job(job, key, digests)
+    key, legacy = _keys(digests, preset, job.inputs.face)
+    manifest = (_open_job(job, (key, legacy), digests, force=force)
+                or _new_job(job, key, digests))
+    manifest.key = key  # a job of the earlier layout carries on under today's key
     for w in manifest.warnings:  # the engine's own (Engine.prepare), from the job's start
         events.warn(w)
     plan, records, store = manifest.plan, manifest.parts, job.job
@@ -404,10 +406,18 @@ def _post_check(output: Path, audio: Path, events: Events) -> tuple[Checked, dic
     return Checked(check.quick_figures(report), warnings), report.to_dict()
 
 
-def _key(digests: dict[str, Any], preset: Preset, face: tuple[int, int, int, int] | None) -> str:
-    rendering = rendering_values(preset.to_dict())
+def _key(digests: dict[str, Any], preset: Preset, face: tuple[int, int, int, int] | None,
+         *, legacy: bool = False) -> str:
+    rendering = rendering_values(preset.to_dict(), legacy=legacy)
     rendering["face"] = list(face) if face else None
     return job_key(digests, rendering)
+
+
+def _keys(digests: dict[str, Any], preset: Preset,
+          face: tuple[int, int, int, int] | None) -> tuple[str, str]:
+    """(this job's key, the key the same job had before engines had their own sections):
+    a job or output of the earlier layout is the same job, not another one."""
+    return _key(digests, preset, face), _key(digests, preset, face, legacy=True)
 
 
 def output_is_current(output: Path, audio: Path, image: Path, preset: Preset) -> bool:
@@ -422,10 +432,10 @@ def output_is_current(output: Path, audio: Path, image: Path, preset: Preset) ->
     if info.first("video") is None or info.first("audio") is None:
         return False
     digests = {"audio": file_digest(audio), "image": file_digest(image)}
-    return info.tags.get("comment") == f"{TAG_PREFIX}{_key(digests, preset, None)}"
+    return info.tags.get("comment") in {f"{TAG_PREFIX}{k}" for k in _keys(digests, preset, None)}
 
 
-def _open_job(job: Prepared, key: str, digests: dict[str, Any], *,
+def _open_job(job: Prepared, keys: tuple[str, ...], digests: dict[str, Any], *,
               force: bool) -> Manifest | None:
     """The existing record when it belongs to this job; None to start a new job.
 
@@ -436,7 +446,7 @@ def _open_job(job: Prepared, key: str, digests: dict[str, Any], *,
         return None
     try:
         data = store.load()
-        if data["key"] == key:
+        if data["key"] in keys:
             _check_consistent(store, data, {
                 "plan": job.plan.to_dict(), "face": list(job.inputs.face) if job.inputs.face
                 else None, "inputs": {k: v["sha256"] for k, v in digests.items()},
@@ -446,7 +456,7 @@ def _open_job(job: Prepared, key: str, digests: dict[str, Any], *,
             store.clear()
             return None
         raise
-    if data["key"] == key:
+    if data["key"] in keys:
         return Manifest.from_dict(data)
     if not force:
         raise InputError(f"{store.path}: holds a job made from different inputs or settings; "
