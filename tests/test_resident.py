@@ -171,6 +171,15 @@ def test_sigkill_of_a_resident_worker_renders_only_that_batch_again(
     assert loads(tmp_path) == 2
 
 
+def _cmdline(pid: int) -> str:
+    """A process's command line; "" once it has ended (a child not reaped yet, such as the
+    job's finished audio encode, is a zombie with no command line)."""
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return ""
+
+
 def test_sigterm_stops_resident_workers_and_their_models(media: dict[str, Path],
                                                          tmp_path: Path, lora: Path) -> None:
     out = tmp_path / "t.mp4"
@@ -181,8 +190,7 @@ def test_sigterm_stops_resident_workers_and_their_models(media: dict[str, Path],
         env=env_for(tmp_path, LIVEAVATAR_STANDIN_DELAY="30"), stdin=subprocess.DEVNULL)
     _wait_for(lambda: loads(tmp_path) == 1)
     family = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-    assert any(str(ADAPTER) in " ".join(psutil.Process(p).cmdline()) for p in family
-               if psutil.pid_exists(p))
+    assert any(str(ADAPTER) in _cmdline(p) for p in family)
     procs = [psutil.Process(p) for p in family if psutil.pid_exists(p)]
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
