@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from avatarcli import presets
+from avatarcli import inputs, presets
 from avatarcli.cli.app import app
 from avatarcli.cli.common import (
     AsJson,
@@ -22,6 +22,7 @@ from avatarcli.cli.common import (
     setup_logging,
 )
 from avatarcli.errors import ExitStatus, InputError
+from avatarcli.media import portrait
 
 if TYPE_CHECKING:
     from avatarcli.engines.liveavatar.fit import MemoryPlan
@@ -69,9 +70,19 @@ def plan_cmd(
     for what, path in (("audio", audio), ("image", image)):
         if path is not None and not path.is_file():
             raise InputError(f"{path}: {what} file not found")
-    seen = history.seen(resolved.preset, facts[0].name if facts else None)
-    result = fit.memory_plan(resolved, gpus=gpus, gpu_mem_gb=gpu_mem, facts=facts, audio=audio,
-                             image=image, seen=seen, host_mem_gb=host)
+    # The frame size and the plan `gen` would make (one function decides each).
+    p = resolved.preset
+    size = presets.parse_size(p.size)
+    if image is not None:
+        rgb = portrait.load(image)
+        size = inputs.frame_size(p, rgb.shape[1], rgb.shape[0])
+    planned = None
+    if audio is not None:
+        feats, plan = inputs.analyse_and_plan(audio, p, *size)
+        planned = (feats.duration_s, plan)
+    seen = history.seen(p, facts[0].name if facts else None)
+    result = fit.memory_plan(resolved, gpus=gpus, gpu_mem_gb=gpu_mem, facts=facts, size=size,
+                             planned=planned, seen=seen, host_mem_gb=host)
     if as_json:  # the verdict is in "fits"
         echo(json.dumps(result.to_dict(), indent=1))
         return

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from avatarcli import inputs, presets
+from avatarcli import presets
 from avatarcli.engines.liveavatar import memory
 from avatarcli.engines.liveavatar.options import options_of
 from avatarcli.errors import InputError
 from avatarcli.gpus import GpuFact, fp8_capable
-from avatarcli.media import portrait
+from avatarcli.plan import Plan
 from avatarcli.presets import parse_size
 
 CPU_PRESET = presets.DEFAULT_PRESET
@@ -64,17 +63,13 @@ class MemoryPlan:
 
 
 def memory_plan(resolved: presets.ResolvedPreset, *, gpus: int | None, gpu_mem_gb: float | None,
-                facts: list[GpuFact], audio: Path | None = None, image: Path | None = None,
-                seen: dict[str, Any] | None = None,
+                facts: list[GpuFact], size: tuple[int, int] | None = None,
+                planned: tuple[float, Plan] | None = None, seen: dict[str, Any] | None = None,
                 host_mem_gb: float | None = None) -> MemoryPlan:
-    """The per-GPU memory estimate of a preset, and with AUDIO the batch plan. With IMAGE,
-    both at the frame size `gen` renders that portrait at (the same function decides it),
-    else at the area key's own sides."""
+    """The per-GPU memory estimate of a preset at frame `size` (default: the area key's own
+    sides), and with `planned` (a recording's duration and batch plan) the batches and time."""
     p = resolved.preset
-    width, height = parse_size(p.size)
-    if image is not None:
-        rgb = portrait.load(image)
-        width, height = inputs.frame_size(p, rgb.shape[1], rgb.shape[0])
+    width, height = size or parse_size(p.size)
     count = gpus or (options_of(p).gpus_per_run if p.engine == "liveavatar" else len(facts))
     mem = gpu_mem_gb if gpu_mem_gb is not None else smallest_card_gb(facts)
     est = None
@@ -82,16 +77,16 @@ def memory_plan(resolved: presets.ResolvedPreset, *, gpus: int | None, gpu_mem_g
         if mem is None:
             raise InputError("no GPU visible: give the card size with --gpu-mem GB")
         if count not in (1, 5):
-            raise InputError(f"--gpus {count}: LiveAvatar runs on 1 GPU or on 5 (4 DiT + 1 VAE); "
+            raise InputError(f"--gpu-count {count}: LiveAvatar runs on 1 GPU or on 5 (4 DiT + 1 VAE); "
                              f"with 2-4 GPUs use a 1-GPU preset, one batch per GPU")
         est = memory.estimate(p, gpus=count, gpu_mem_gb=mem, width=width, height=height)
     result = MemoryPlan(resolved.name, p.engine, count, mem or 0.0, est, seen=seen or {},
                         width=width, height=height)
     if p.engine == "liveavatar":
         result.host = memory.host_estimate(p, total_gb=host_mem_gb, width=width, height=height)
-    if audio is not None:
-        feats, plan = inputs.analyse_and_plan(audio, p, width, height)
-        result.frames, result.duration_s = plan.frames, feats.duration_s
+    if planned is not None:
+        result.duration_s, plan = planned
+        result.frames = plan.frames
         result.batches = [{"index": b.index, "frame_start": b.frame_start,
                            "frame_end": b.frame_end, "clips": b.clips} for b in plan.batches]
         fps = (seen or {}).get("fps")
