@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from avatarcli import analysis, engines
+from avatarcli import analysis
+from avatarcli.engines.base import Engine
 from avatarcli.errors import InputError
 from avatarcli.job import JobDir
 from avatarcli.media import streams
@@ -127,9 +128,9 @@ def check_audio(audio: Path) -> None:
         raise InputError(f"{audio}: {kind}")
 
 
-def frame_size(preset: Preset, src_w: int, src_h: int) -> tuple[int, int]:
-    """(width, height) the preset's engine renders a src_w x src_h portrait at."""
-    return engines.create(preset).frame_size(parse_size(preset.size), src_w, src_h)
+def frame_size(engine: Engine, src_w: int, src_h: int) -> tuple[int, int]:
+    """(width, height) `engine` renders a src_w x src_h portrait at, for its preset's size."""
+    return engine.frame_size(parse_size(engine.preset.size), src_w, src_h)
 
 
 def analyse_and_plan(audio: Path, preset: Preset, width: int,

@@ -28,6 +28,7 @@ from avatarcli.inputs import (
     analyse_and_plan,
     check_audio,
     default_output,
+    frame_size,
     path_problem,
     path_problems,
 )
@@ -38,7 +39,7 @@ from avatarcli.media.ffmpeg_bin import ffmpeg_exe
 from avatarcli.media.verify import is_whole
 from avatarcli.options import Preset, rendering_values
 from avatarcli.plan import Plan, lead_frames, render_range
-from avatarcli.presets import ResolvedPreset, parse_size
+from avatarcli.presets import ResolvedPreset
 from avatarcli.resident import ResidentPool
 from avatarcli.runner import BatchResult, Executor, Hooks, Resident, Runner
 from avatarcli.telemetry import Telemetry, aggregate
@@ -264,7 +265,7 @@ def prepare(audio: Path, image: Path, resolved: ResolvedPreset, *, output: Path 
             problems.append(f"--face {','.join(map(str, face))}: the box lies outside the image "
                             f"{image} ({src_w}x{src_h} px)")
             face = None
-        width, height = engine.frame_size(parse_size(preset.size), src_w, src_h)
+        width, height = frame_size(engine, src_w, src_h)  # as `avatar plan --image` does
         out_face = portrait.map_box(face, src_w, src_h, width, height) if face else None
         inputs = JobInputs(audio=audio, image=image, job_dir=job.path, portrait=job.portrait,
                            features=job.features, width=width, height=height, fps=preset.fps,

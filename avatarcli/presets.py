@@ -374,8 +374,8 @@ def to_yaml(preset: Preset) -> str:
     """The preset as YAML, with only the section of the engine it uses (and `worker` for an
     engine that renders in resident workers)."""
     keep = {preset.engine, *(["worker"] if engines.resident(preset) else [])}
-    data = {k: v for k, v in preset.to_dict().items()
-            if k not in sections() or k in keep}
+    known = sections()
+    data = {k: v for k, v in preset.to_dict().items() if k not in known or k in keep}
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,19 +109,9 @@ def spawn(cmd: list[str], log_path: Path, *, header: str | None = None,
 def kill_group(proc: subprocess.Popen[bytes], *, grace_s: float = 5.0) -> None:
     """Stop a process `spawn` started and everything it started (its whole process group):
     SIGTERM, then SIGKILL after `grace_s`. Harmless when it has ended."""
-    if proc.poll() is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            proc.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait()
+    if proc.poll() is None:
+        _escalate(proc, lambda sig: os.killpg(proc.pid, sig), grace_s=grace_s,
+                  wait_first=False)
 
 
 def kill_leftovers(proc: subprocess.Popen[bytes]) -> None:
@@ -132,10 +123,21 @@ def kill_leftovers(proc: subprocess.Popen[bytes]) -> None:
 
 def stop(proc: subprocess.Popen[bytes], *, grace_s: float = 5.0) -> None:
     """Wait up to `grace_s` for `proc` to end, then SIGTERM, then SIGKILL."""
-    for action in (None, proc.terminate, proc.kill):
-        if action is not None:
-            with contextlib.suppress(OSError):
-                action()
+    _escalate(proc, proc.send_signal, grace_s=grace_s, wait_first=True)
+
+
+def _escalate(proc: subprocess.Popen[bytes], send: Callable[[int], None], *, grace_s: float,
+              wait_first: bool) -> None:
+    """(Wait, then) SIGTERM, then SIGKILL through `send`, `grace_s` apart, until `proc` ends.
+    A process already gone only needs reaping; one we may not signal is left alone."""
+    for sig in ((None,) if wait_first else ()) + (signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            try:
+                send(sig)
+            except ProcessLookupError:
+                pass  # it ended: the wait below returns at once
+            except PermissionError:
+                return
         try:
             proc.wait(timeout=grace_s)
             return

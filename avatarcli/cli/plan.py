@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from avatarcli import inputs, presets
+from avatarcli import engines, inputs, presets
 from avatarcli.cli.app import app
 from avatarcli.cli.common import (
     AsJson,
@@ -75,7 +75,7 @@ def plan_cmd(
     size = presets.parse_size(p.size)
     if image is not None:
         rgb = portrait.load(image)
-        size = inputs.frame_size(p, rgb.shape[1], rgb.shape[0])
+        size = inputs.frame_size(engines.create(p), rgb.shape[1], rgb.shape[0])
     planned = None
     if audio is not None:
         feats, plan = inputs.analyse_and_plan(audio, p, *size)

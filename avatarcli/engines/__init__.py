@@ -64,9 +64,11 @@ def engine_class(name: str) -> type[Engine]:
     return found
 
 
+@functools.cache
 def sections() -> dict[str, type]:
     """Preset sections by engine name: each engine's `options` dataclass. An engine that
-    cannot be loaded is left out (its name still fails clearly when a preset uses it)."""
+    cannot be loaded is left out, said once (its name still fails clearly when a preset
+    uses it). Callers must not change the mapping."""
     out: dict[str, type] = {}
     for name in names():
         try:

@@ -11,6 +11,7 @@ import numpy as np
 from avatarcli.engines.base import Engine, JobInputs, PartTask, Progress
 from avatarcli.errors import EngineError
 from avatarcli.options import knob
+from avatarcli.slot import THREADS_VAR
 
 CHUNK_FRAMES = 8  # frames per call: small chunks keep the encoder fed and memory flat (measured)
 # Chunk buffers reused in turn: the writer's queue, the one in the pipe, the one being drawn.
@@ -75,7 +76,7 @@ class BuiltinEngine(Engine):
         from avatarcli.engines.builtin.face import FaceLayout
         from avatarcli.media import streams
 
-        threads = int(os.environ.get("AVATARCLI_THREADS", "0"))
+        threads = int(os.environ.get(THREADS_VAR, "0"))
         if threads > 0:  # concurrent batches share the cores (OpenCV has its own pool)
             cv2.setNumThreads(threads)
         opts = self.preset.section(BuiltinOptions)
