@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +38,35 @@ def isolated_presets(tmp_path_factory: pytest.TempPathFactory,
 
 # Built-in engine settings whose output can be compared frame by frame: lossless x264 (crf 0)
 # decodes to the same pixels however the frames were split into parts and encoded.
+def gone(pid: int, timeout: float = 10, poll: float = 0.1) -> bool:
+    """Whether process `pid` exits (or is only a zombie) within `timeout` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(poll)
+    return False
+
+
+def ffmpeg_wrapper(path: Path, pattern: str, action: str) -> Path:
+    """An executable at `path` that runs the shell `action` when its arguments match the
+    case `pattern` (e.g. "*concat*"), then (unless the action exits) the real ffmpeg."""
+    import stat
+
+    from avatarcli.media import ffmpeg_bin
+
+    real = ffmpeg_bin.ffmpeg_exe()
+    path.write_text(f"#!/bin/sh\ncase \"$*\" in {pattern}) {action};; esac\n"
+                    f"exec '{real}' \"$@\"\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
 LOSSLESS = ("--set", "size=256*256", "--set", "builtin.crf=0")
 
 

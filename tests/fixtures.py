@@ -41,6 +41,8 @@ __all__ = [
     "SAMPLE_RATE",
     "SENTENCES",
     "AudioInfo",
+    "astronaut_head",
+    "astronaut_head_layout",
     "audio_info",
     "audio_variants",
     "bad_files",
@@ -61,6 +63,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
+
+    from avatarcli.engines.builtin.face import FaceLayout
 
 
 def tone_speech(path: Path, seconds: float, seed: int = 0, *, rate: int = SAMPLE_RATE) -> Path:
@@ -400,3 +404,27 @@ def video_frame_md5s(path: Path) -> list[str]:
     if proc.wait() != 0:
         raise RuntimeError(f"{path}: ffmpeg could not decode it")
     return out
+
+
+def astronaut_head(size: int = 512) -> np.ndarray:
+    """The astronaut's head from scikit-image's public-domain photo, size x size RGB: the
+    animator's tests draw on it (ASTRONAUT_HEAD_LAYOUT is where its face is)."""
+    import cv2
+    from skimage import data as skdata
+
+    crop = skdata.astronaut()[4:254, 99:349]
+    return np.ascontiguousarray(cv2.resize(crop, (size, size), interpolation=cv2.INTER_CUBIC))
+
+
+def astronaut_head_layout() -> FaceLayout:
+    """What find_face reports for astronaut_head(512), fixed here to keep the animator's
+    tests independent of the detector."""
+    from avatarcli.engines.builtin.face import FaceLayout
+
+    return FaceLayout(
+        face=(150.0, 118.0, 212.0, 212.0),
+        left_eye=(209.2, 196.6, 22.5, 7.1),
+        right_eye=(301.1, 201.9, 21.0, 6.7),
+        mouth=(253.4, 283.0, 42.7),
+        source="detected",
+    )

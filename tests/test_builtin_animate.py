@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import cv2
+import fixtures
 import numpy as np
 import pytest
 
@@ -24,21 +25,12 @@ STILL = AnimatorOptions(head_motion=0.0, blink_rate_per_min=0.0)
 @pytest.fixture(scope="module")
 def portrait() -> np.ndarray:
     """A 512x512 head-and-shoulders crop around the astronaut's face."""
-    crop = skdata.astronaut()[4:254, 99:349]
-    return np.ascontiguousarray(cv2.resize(crop, (512, 512), interpolation=cv2.INTER_CUBIC))
+    return fixtures.astronaut_head()
 
 
 @pytest.fixture(scope="module")
 def layout() -> FaceLayout:
-    # What find_face reports for the portrait above (fixed here to keep the tests
-    # independent of the detector).
-    return FaceLayout(
-        face=(150.0, 118.0, 212.0, 212.0),
-        left_eye=(209.2, 196.6, 22.5, 7.1),
-        right_eye=(301.1, 201.9, 21.0, 6.7),
-        mouth=(253.4, 283.0, 42.7),
-        source="detected",
-    )
+    return fixtures.astronaut_head_layout()
 
 
 def speech(n: int, seed: int = 0) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import cv2
+import fixtures
 import numpy as np
 import pytest
 
@@ -24,10 +25,9 @@ def astronaut() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def portrait(astronaut: np.ndarray) -> np.ndarray:
+def portrait() -> np.ndarray:
     """A 512x512 head-and-shoulders crop around the astronaut's face."""
-    crop = astronaut[4:254, 99:349]
-    return np.ascontiguousarray(cv2.resize(crop, (512, 512), interpolation=cv2.INTER_CUBIC))
+    return fixtures.astronaut_head()
 
 
 def _inside(px: float, py: float, box: tuple[float, float, float, float]) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import fixtures
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from avatarcli.engines.builtin.animate import (
 )
 from avatarcli.engines.builtin.face import FaceLayout
 
-skdata = pytest.importorskip("skimage.data")
+pytest.importorskip("skimage.data")  # the portrait: fixtures.astronaut_head
 
 FPS = 25
 STILL = AnimatorOptions(head_motion=0.0, blink_rate_per_min=0.0)
@@ -40,19 +39,12 @@ SPREAD_TEXT = "We see thee. Eat cheese, Steve. Ian is here. Keep the green tea k
 @pytest.fixture(scope="module")
 def portrait() -> np.ndarray:
     """The astronaut's head, 512x512 (as in test_builtin_animate)."""
-    crop = skdata.astronaut()[4:254, 99:349]
-    return np.ascontiguousarray(cv2.resize(crop, (512, 512), interpolation=cv2.INTER_CUBIC))
+    return fixtures.astronaut_head()
 
 
 @pytest.fixture(scope="module")
 def layout() -> FaceLayout:
-    return FaceLayout(
-        face=(150.0, 118.0, 212.0, 212.0),
-        left_eye=(209.2, 196.6, 22.5, 7.1),
-        right_eye=(301.1, 201.9, 21.0, 6.7),
-        mouth=(253.4, 283.0, 42.7),
-        source="detected",
-    )
+    return fixtures.astronaut_head_layout()
 
 
 def luma(img: np.ndarray) -> np.ndarray:

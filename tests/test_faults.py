@@ -15,7 +15,7 @@ import fixtures
 import psutil
 import pytest
 import yaml
-from conftest import LOSSLESS
+from conftest import LOSSLESS, gone
 
 from avatarcli.media import streams as m
 
@@ -80,19 +80,6 @@ def wait_for_running_batch(manifest: Path, proc: subprocess.Popen[str],
     raise AssertionError("no batch reached the running state")
 
 
-def gone(pid: int, timeout: float = 10) -> bool:
-    """Whether the process exits (or is only a zombie) within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def processes_mentioning(text: str) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline", "status"]):
@@ -136,17 +123,19 @@ def test_sigkill_of_a_batch_process_costs_only_that_batch(media: dict[str, Path]
     resume_and_check(media, out, done_parts(manifest), reference_md5s)
 
 
-def test_sigterm_stops_the_batch_and_the_job_resumes(media: dict[str, Path], tmp_path: Path,
+@pytest.mark.parametrize(("sig", "name"), [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")])
+def test_a_stop_signal_stops_the_batch_and_the_job_resumes(
+        sig: signal.Signals, name: str, media: dict[str, Path], tmp_path: Path,
         reference_md5s: Reference) -> None:
     out = tmp_path / "talk.mp4"
     proc = start(*gen_args(media, out))
     manifest = tmp_path / "talk.mp4.parts" / "manifest.json"
     worker = wait_for_running_batch(manifest, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stderr
-    assert "interrupted (SIGTERM)" in stderr and "Traceback" not in stderr
-    assert gone(worker), "the batch process outlived its parent's SIGTERM"
+    assert proc.returncode == 128 + sig, stderr  # 143 for SIGTERM, 130 for SIGINT
+    assert f"interrupted ({name})" in stderr and "Traceback" not in stderr
+    assert gone(worker), f"the batch process outlived its parent's {name}"
     states = [p["state"] for p in json.loads(manifest.read_text())["parts"]]
     assert "running" not in states and "failed" not in states  # interrupted, not failed
     resume_and_check(media, out, done_parts(manifest), reference_md5s)
@@ -165,22 +154,6 @@ def test_sigkill_of_the_parent_leaves_no_orphan(media: dict[str, Path], tmp_path
     # The manifest still says "running" (nobody was left to say otherwise): resume copes.
     resume_and_check(media, out, done_parts(manifest), reference_md5s)
     assert processes_mentioning(str(tmp_path / "talk.mp4.parts")) == []
-
-
-def test_sigint_stops_the_batch_and_the_job_resumes(media: dict[str, Path], tmp_path: Path,
-                                                    reference_md5s: Reference) -> None:
-    out = tmp_path / "talk.mp4"
-    proc = start(*gen_args(media, out))
-    manifest = tmp_path / "talk.mp4.parts" / "manifest.json"
-    worker = wait_for_running_batch(manifest, proc)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "interrupted (SIGINT)" in stderr and "Traceback" not in stderr
-    assert gone(worker), "the batch process outlived its parent's SIGINT"
-    states = [p["state"] for p in json.loads(manifest.read_text())["parts"]]
-    assert "running" not in states and "failed" not in states
-    resume_and_check(media, out, done_parts(manifest), reference_md5s)
 
 
 def test_second_run_on_a_busy_job_exits_75(media: dict[str, Path], tmp_path: Path) -> None:

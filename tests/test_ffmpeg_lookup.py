@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import ffmpeg_wrapper
 
 from avatarcli.errors import EnvironmentProblem
 from avatarcli.media import ffmpeg_bin as ffmpeg
@@ -19,12 +19,8 @@ from avatarcli.media import ffmpeg_bin as ffmpeg
 @pytest.fixture
 def counting(tmp_path: Path) -> tuple[Path, Path]:
     """An ffmpeg that notes each `-version` run in a file, then is the real one."""
-    real = ffmpeg.ffmpeg_exe()
     log = tmp_path / "versions.log"
-    path = tmp_path / "counting-ffmpeg"
-    path.write_text(f"#!/bin/sh\ncase \"$*\" in *-version*) echo $$ >> '{log}';; esac\n"
-                    f"exec '{real}' \"$@\"\n")
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    path = ffmpeg_wrapper(tmp_path / "counting-ffmpeg", "*-version*", f"echo $$ >> '{log}'")
     return path, log
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import struct
 import subprocess
 import sys
@@ -23,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
+from conftest import ffmpeg_wrapper, gone
 from typer.testing import CliRunner
 
 from avatarcli.cli import app
@@ -308,13 +307,10 @@ def test_a_really_full_disk_exits_74_with_one_line(media: dict[str, Path],
 
 def test_sigkill_during_assembly_leaves_nothing_running_or_behind(media: dict[str, Path],
                                                                  tmp_path: Path) -> None:
-    real = ffmpeg_bin.ffmpeg_exe()
     marker = tmp_path / "assembling.pid"
-    wrapper = tmp_path / "slow-ffmpeg"
     # The concat (assembly) call hangs, as a long join would; every other call is ffmpeg.
-    wrapper.write_text(f"#!/bin/sh\ncase \"$*\" in *concat*) echo $$ > '{marker}'; "
-                       f"exec sleep 300;; esac\nexec '{real}' \"$@\"\n")
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    wrapper = ffmpeg_wrapper(tmp_path / "slow-ffmpeg", "*concat*",
+                             f"echo $$ > '{marker}'; exec sleep 300")
     outdir = tmp_path / "out"
     outdir.mkdir()
     out = outdir / "talk.mp4"
@@ -332,7 +328,7 @@ def test_sigkill_during_assembly_leaves_nothing_running_or_behind(media: dict[st
     proc.kill()
     proc.wait(timeout=30)
     try:
-        assert _gone(child), "the assembling ffmpeg outlived its parent"
+        assert gone(child), "the assembling ffmpeg outlived its parent"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, 9)  # only if the assertion failed: never leave it running
@@ -341,18 +337,6 @@ def test_sigkill_during_assembly_leaves_nothing_running_or_behind(media: dict[st
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads(rerun.stdout)["batches_reused"] == [0]
     assert sorted(p.name for p in outdir.iterdir()) == ["talk.mp4"]
-
-
-def _gone(pid: int) -> bool:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 # -- 12. with stderr closed, stdout still carries only the JSON -------------------------------
@@ -394,12 +378,7 @@ def _alias_bomb(levels: int = 6) -> str:
 
 def _fake_ffmpeg(folder: Path, name: str, on_decode: str) -> Path:
     """ffmpeg that does `on_decode` (a shell command) when asked to decode audio to PCM."""
-    real = ffmpeg_bin.ffmpeg_exe()
-    path = folder / name
-    path.write_text(f"#!/bin/sh\ncase \"$*\" in *f32le*) {on_decode};; esac\n"
-                    f"exec '{real}' \"$@\"\n")
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
+    return ffmpeg_wrapper(folder / name, "*f32le*", on_decode)
 
 
 def _table(media: dict[str, Path], tmp: Path) -> list[tuple[str, list[str], dict[str, str], int,

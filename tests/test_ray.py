@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
+from conftest import gone
 
 ray = pytest.importorskip("ray")
 
@@ -155,18 +156,6 @@ def batch_processes(job_dir: Path) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
-
-
-def gone(proc: psutil.Process, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 Background = Callable[[Callable[[], Result]], tuple[threading.Thread, dict[str, Any]]]
@@ -325,7 +314,7 @@ def test_stop_cancels_the_task_and_kills_its_process_group(rays: Rays, tmp_path:
         time.sleep(0.3)
     handle.stop()
     assert handle.wait() == EXIT_TASK_CANCELLED
-    assert gone(child, 5), "the batch process outlived its cancelled task"
+    assert gone(child.pid, 5, poll=0.05), "the batch process outlived its cancelled task"
     list(lines)  # the stream has ended
     assert "ray: task stopped" in log.read_text()
     assert handle.telemetry()["wall_s"] > 0
@@ -360,7 +349,7 @@ def test_a_task_that_exhausts_its_retries_exits_non_zero(rays: Rays, tmp_path: P
     worker = child.parent()
     assert worker is not None and worker.name().startswith("ray::")
     worker.kill()  # what ray.cancel(force=True) or a dying node does; no retry is left
-    assert gone(child, 2), "the batch process did not stop itself when its Ray worker died"
+    assert gone(child.pid, 2, poll=0.05), "the batch process did not stop itself when its Ray worker died"
     assert handle.wait() == EXIT_TASK_LOST
     assert "ray: task lost: node died or its worker crashed" in log.read_text()
 
@@ -381,7 +370,7 @@ def test_killed_ray_worker_is_retried_and_the_output_is_whole(
     assert worker is not None and worker.name().startswith("ray::")  # a Ray worker
     os.kill(worker.pid, signal.SIGKILL)
     # The batch process sees its parent vanish and stops itself (the worker's watchdog).
-    assert gone(batch, 3), "the batch process outlived the Ray worker that started it"
+    assert gone(batch.pid, 3, poll=0.05), "the batch process outlived the Ray worker that started it"
     thread.join(timeout=120)
     assert not thread.is_alive() and "error" not in box, box.get("error")
     result: Result = box["result"]
@@ -470,7 +459,7 @@ def test_removing_a_node_mid_job_still_gives_a_whole_output(
         assert not alive, "the removed node's Ray worker outlived it"
     with contextlib.suppress(psutil.Error):
         batch.resume()  # it then finds its parent gone and stops itself
-    assert gone(batch, 30), "the batch process outlived its node"
+    assert gone(batch.pid, 30, poll=0.05), "the batch process outlived its node"
     thread.join(timeout=150)
     assert not thread.is_alive() and "error" not in box, box.get("error")
     result: Result = box["result"]
