@@ -37,7 +37,6 @@ from avatarcli.engines.base import (
     Resources,
     run_model,
 )
-from avatarcli.engines.liveavatar import memory
 from avatarcli.engines.liveavatar.options import MAX_STEPS, SIZES, LiveAvatarOptions, options_of
 from avatarcli.errors import EngineError, InputError, OutOfMemoryError
 from avatarcli.gpus import visible as gpus_visible
@@ -309,6 +308,8 @@ class LiveAvatarEngine(Engine):
             conf = engine.conf
             out.insert(0, Finding("ok", f"repo {conf['repo']}, ckpt {conf['ckpt_dir']}, "
                                   f"lora {conf['lora_path']}, torchrun {conf['torchrun']}"))
+        from avatarcli.engines.liveavatar import memory  # the registry imports this module
+
         host = memory.host_estimate(preset, total_gb=gpus.host_memory_gb())
         detail = (f"one launch needs about {host.peak_gb:.1f} GB of RAM"
                   + ("" if host.total_gb is None else f"; this machine has {host.total_gb:.1f} GB"))
@@ -474,6 +475,8 @@ class LiveAvatarEngine(Engine):
                 "warn", f"infer_frames={self.preset.infer_frames} is not a multiple of 12; "
                 f"upstream denoises blocks of 3 latent frames (48 is the safe value)",
                 key="infer_frames", fix=change))
+        from avatarcli.engines.liveavatar import memory
+
         warnings += [Finding("warn", w, fix=change) for w in memory.rung_warnings(self.preset)]
         return [Finding("fail", d, key=k, fix=self._fix(k)) for d, k in problems], warnings
 
@@ -506,6 +509,8 @@ class LiveAvatarEngine(Engine):
 
     def _check_host_memory(self, inputs: JobInputs) -> list[str]:
         """The launch's host RAM (memory.host_estimate) against this machine's."""
+        from avatarcli.engines.liveavatar import memory
+
         est = memory.host_estimate(self.preset, total_gb=gpus.host_memory_gb(),
                                    width=inputs.width, height=inputs.height)
         if est.fits:
